@@ -1,0 +1,10 @@
+"""evofast: exact, fast EvoToken soft-token decoding and CTS training for masked
+diffusion language models.
+
+Importing evofast compiles nothing and never touches CUDA.
+"""
+from . import ops
+from .ops import set_backend
+
+__version__ = "0.1.0"
+__all__ = ["ops", "set_backend", "__version__"]

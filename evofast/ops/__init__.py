@@ -1,0 +1,9 @@
+"""evofast's kernels: `evo_step` (one fused EvoToken decoding step) and
+`soft_embed` (the soft-token embedding gather), each with torch / cpp / triton /
+cuda backends behind `torch.library` custom ops."""
+from ._backend import backends, get_backend, set_backend
+from .evo_step import NonFiniteLogitsError, evo_step
+from .soft_embed import SoftEmbedFunction, soft_embed
+
+__all__ = ["evo_step", "soft_embed", "SoftEmbedFunction", "NonFiniteLogitsError",
+           "backends", "set_backend", "get_backend"]

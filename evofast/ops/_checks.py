@@ -1,0 +1,67 @@
+"""Argument checks shared by the ops: each failure is a ValueError naming the argument."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def fail(name: str, problem: str):
+    raise ValueError(f"{name}: {problem}")
+
+
+def tensor(name: str, t, *, dim: int | None = None, dtypes=None, device=None) -> Tensor:
+    if not isinstance(t, Tensor):
+        fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        fail(name, f"expected {dim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        fail(name, f"dtype {t.dtype} not supported; expected one of {[str(d) for d in dtypes]}")
+    if device is not None and t.device != device:
+        fail(name, f"is on {t.device}, expected {device} (the device of the logits / weight)")
+    return t
+
+
+def integer(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        fail(name, f"expected an int, got {v!r}")
+    v = int(v)
+    if lo is not None and v < lo:
+        fail(name, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        fail(name, f"must be <= {hi}, got {v}")
+    return v
+
+
+def real(name: str, v, lo: float | None = None, hi: float | None = None, *, hi_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        fail(name, f"expected a number, got {v!r}")
+    v = float(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        fail(name, f"must be finite, got {v}")
+    if lo is not None and v < lo:
+        fail(name, f"must be >= {lo}, got {v}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        fail(name, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+
+def per_row(name: str, v, B: int, device: torch.device, lo: int, hi: int | None) -> Tensor:
+    """An int or a (B,) integer tensor -> (B,) int64 on `device`, values in [lo, hi]."""
+    if isinstance(v, Tensor):
+        if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+            fail(name, f"expected an integer tensor, got dtype {v.dtype}")
+        if v.dim() == 0:
+            v = v.reshape(1).expand(B)
+        if tuple(v.shape) != (B,):
+            fail(name, f"expected an int or a tensor of shape ({B},), got shape {tuple(v.shape)}")
+        host = v.detach().to("cpu", torch.int64)
+        if B and (int(host.min()) < lo or (hi is not None and int(host.max()) > hi)):
+            fail(name, f"values must lie in [{lo}, {'inf' if hi is None else hi}], got {host.tolist()}")
+        return v.to(device=device, dtype=torch.int64)
+    v = integer(name, v, lo, hi)
+    return torch.full((B,), v, dtype=torch.int64, device=device)
