@@ -38,13 +38,16 @@ def _extensions():
               "the compiled kernels. Use `pip install --no-build-isolation .` to build them.")
         return [], {}
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is header-inline and runs threads only under OpenMP
+    # (the library it links, libgomp, is the one torch itself ships).
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     exts = [
         CppExtension(
             "evofast._C",
             sorted(["csrc/bindings.cpp"] + glob.glob("csrc/cpu/*.cpp")),
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
     ]
     want_cuda = not _flag("EVOFAST_SKIP_CUDA_BUILD") and torch.version.cuda is not None and CUDA_HOME is not None

@@ -18,3 +18,29 @@ std::tuple<at::Tensor, at::Tensor> soft_embed_bwd_cpu(
     bool need_weight, bool need_w);
 
 }  // namespace evofast
+
+// ---------------------------------------------------------------------------
+// Parallel loop shared by the CPU kernels. at::parallel_for is header-inline: it
+// only runs threads when this translation unit is compiled with OpenMP (setup.py
+// passes -fopenmp, which defines _OPENMP and with it INTRA_OP_PARALLEL).
+#include <ATen/Parallel.h>
+
+#ifndef INTRA_OP_PARALLEL
+#error "evofast's CPU kernels must be compiled with -fopenmp (see setup.py)"
+#endif
+
+namespace evofast {
+
+// f(begin, end) over [begin, end) in pieces of at least `grain`; `work`, a rough
+// cost of the whole loop in elementary operations, keeps small loops serial.
+template <typename F>
+inline void cpu_parallel_for(int64_t begin, int64_t end, int64_t grain, double work, const F& f) {
+  if (begin >= end) return;
+  if (work < 1e6) {
+    f(begin, end);
+    return;
+  }
+  at::parallel_for(begin, end, grain, f);
+}
+
+}  // namespace evofast
