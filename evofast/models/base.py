@@ -180,22 +180,22 @@ class InstancePatches:
         self._done = []
 
     def set(self, obj: object, name: str, value: object) -> None:
-        prev = obj.__dict__.get(name, _MISSING)
+        had = name in obj.__dict__
+        self._done.append((obj, name, value, had, obj.__dict__.get(name)))
         obj.__dict__[name] = value
-        self._done.append((obj, name, value, prev))
 
     def undo(self) -> list:
         """-> descriptions of the attributes that could not be restored (replaced by someone else)."""
         skipped = []
         while self._done:
-            obj, name, value, prev = self._done.pop()
+            obj, name, value, had, prev = self._done.pop()
             if obj.__dict__.get(name, _MISSING) is not value:
                 skipped.append(f"{type(obj).__name__}.{name}")
                 continue
-            if prev is _MISSING:
-                del obj.__dict__[name]
-            else:
+            if had:
                 obj.__dict__[name] = prev
+            else:
+                del obj.__dict__[name]
         return skipped
 
     def __len__(self) -> int:

@@ -1,0 +1,131 @@
+"""Adapter for Dream-style models: the Qwen2 architecture with non-causal attention.
+
+Two classes are served:
+
+* transformers' `Qwen2ForCausalLM` (model_type "qwen2"). transformers runs it
+  causally; `patch` leaves it so (plain `model(input_ids)` calls are unchanged),
+  and only calls through the adapter run bidirectionally.
+* Dream's remote-code class (`DreamModel`, model_type "Dream", loaded with
+  `trust_remote_code`): bidirectional by design, same module layout
+  (`model.model.embed_tokens`, `model.lm_head`). Not tested here (its code
+  cannot be downloaded in evofast's test environment).
+
+Masks and positions: the adapter's forward passes the body a float 4-D mask
+`(B, 1, 1, L)`, 0 on real keys and `finfo(dtype).min` on pad keys (all zeros
+when nothing is padded). transformers uses a 4-D mask as given (no causal mask
+is built, and SDPA runs with `is_causal=False` because a mask is present);
+Dream's code adds it to the scores likewise. `position_ids` (0 at each row's
+first real token) drive RoPE in both.
+
+Logit alignment: Dream was trained from an autoregressive model and keeps its
+shift: the logits at row i predict token i + 1. Dream's own sampler realigns
+them as ``cat(logits[:, :1], logits[:, :-1])``; the adapter does the same when
+`shift_logits` is true, per row: a left-padded row's first real token reads
+its own hidden state, as row 0 of its unpadded run does, not the pad's before it
+(Dream's batch code would give it the pad's; those are prompt rows, never
+decoded). Default: true for Dream's class, false for Qwen2, so a
+Qwen2 model trained as a plain masked diffusion LM reads row i at row i). Set
+``evofast.get_adapter(model).shift_logits`` to override.
+
+Not supported (TypeError at `patch`): sliding-window layers, and attention
+implementations that cannot take a 4-D float mask (only "eager" and "sdpa" can).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import HFAdapter, additive_key_bias, check_inputs, default_positions, keep_mask
+
+_MASK_READY_IMPLEMENTATIONS = (None, "eager", "sdpa")
+
+
+def _is_dream(model: nn.Module) -> bool:
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "")).lower()
+    return type(model).__name__ == "DreamModel" or model_type == "dream"
+
+
+class DreamAdapter(HFAdapter):
+    name = "dream"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        if _is_dream(model):
+            return True
+        from transformers import Qwen2ForCausalLM
+        return isinstance(model, Qwen2ForCausalLM)
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> Optional[str]:
+        body = getattr(model, "model", None)
+        if not isinstance(getattr(body, "embed_tokens", None), nn.Embedding):
+            return "no input embeddings at model.model.embed_tokens"
+        if not isinstance(getattr(model, "lm_head", None), nn.Module):
+            return "no LM head (model.lm_head)"
+        config = model.config
+        layer_types = getattr(config, "layer_types", None) or ()
+        if "sliding_attention" in layer_types:
+            return "sliding-window attention layers are not supported (config.layer_types)"
+        impl = getattr(config, "_attn_implementation", None)
+        if not _is_dream(model) and impl not in _MASK_READY_IMPLEMENTATIONS:
+            return (f"attention implementation {impl!r} cannot take the non-causal 4-D mask the adapter "
+                    "passes; load the model with attn_implementation='sdpa' or 'eager'")
+        return None
+
+    @classmethod
+    def default_mask_id(cls, model: nn.Module) -> Optional[int]:
+        mid = getattr(model.config, "mask_token_id", None)
+        return None if mid is None else int(mid)
+
+    def __init__(self, model: nn.Module, mask_id: int):
+        super().__init__(model, mask_id)
+        #: realign Dream's next-token logits to their own rows (see the module docstring)
+        self.shift_logits: bool = _is_dream(model)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.model.embed_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.lm_head.weight.shape[0])
+
+    @property
+    def max_length(self) -> Optional[int]:
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if n is not None else None
+
+    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                logits_from: int = 0) -> Tensor:
+        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
+        problem = self.unsupported(self.model)  # the attention implementation can change after patch
+        if problem is not None:
+            raise TypeError(f"evofast dream adapter: {type(self.model).__name__}: {problem}")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.input_embeddings().weight.dtype
+        bias = additive_key_bias(keep_mask(attention_mask), B, L, dtype, ref.device)
+        positions = default_positions(attention_mask, position_ids, L, ref.device).expand(B, L)
+        out = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
+                               position_ids=positions, use_cache=False, output_attentions=False,
+                               output_hidden_states=False, return_dict=True)
+        hidden = out[0]
+        if self.shift_logits:
+            hidden = self._shift(hidden, keep_mask(attention_mask), logits_from)
+        else:
+            hidden = hidden[:, logits_from:]
+        return self.model.lm_head(hidden)
+
+    @staticmethod
+    def _shift(hidden: Tensor, keep: Optional[Tensor], logits_from: int) -> Tensor:
+        """Rows [logits_from, L) of Dream's realignment: row i reads hidden row i - 1, except
+        each row's first real token (and row 0), which reads its own, as in an unpadded run."""
+        L = hidden.shape[1]
+        prev = torch.cat((hidden[:, :1], hidden[:, :L - 1]), dim=1)[:, logits_from:]
+        if keep is None:
+            return prev
+        first = keep.clone()
+        first[:, 1:] &= ~keep[:, :-1]  # a real token after a pad (or at 0)
+        first = first[:, logits_from:, None].to(hidden.device)
+        return torch.where(first, hidden[:, logits_from:], prev)

@@ -1,0 +1,61 @@
+"""Adapter for evofast's own LLaDA implementation (`evofast.models.llada.LLaDAModelLM`).
+
+That model already does what the adapter contract asks: bidirectional SDPA,
+pad keys masked from `attention_mask`, RoPE at explicit `position_ids`. So
+`install` rebinds nothing; `forward` runs the body and applies the LM head
+(`compute_logits`) to rows `[logits_from, L)` only.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .base import HFAdapter, check_inputs, default_positions, keep_mask
+
+LLADA_MASK_ID = 126336  # <|mdm_mask|> in LLaDA's 126464-token vocabulary
+LLADA_VOCAB_SIZE = 126464
+
+
+def llada_default_mask_id(config) -> Optional[int]:
+    """config.mask_token_id, else LLaDA's <|mdm_mask|> when the vocabulary is LLaDA's."""
+    mid = getattr(config, "mask_token_id", None)
+    if mid is not None:
+        return int(mid)
+    size = getattr(config, "embedding_size", None) or getattr(config, "vocab_size", None)
+    return LLADA_MASK_ID if size == LLADA_VOCAB_SIZE else None
+
+
+def _native_class():
+    """evofast.models.llada.LLaDAModelLM if that module is loaded (a model of it cannot exist otherwise)."""
+    mod = sys.modules.get("evofast.models.llada")
+    return getattr(mod, "LLaDAModelLM", None)
+
+
+class LLaDANativeAdapter(HFAdapter):
+    name = "llada-native"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        klass = _native_class()
+        return klass is not None and isinstance(model, klass)
+
+    @classmethod
+    def default_mask_id(cls, model: nn.Module) -> Optional[int]:
+        return llada_default_mask_id(model.config)
+
+    @property
+    def max_length(self) -> Optional[int]:
+        return int(self.model.config.max_sequence_length)
+
+    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                logits_from: int = 0) -> Tensor:
+        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        keep = keep_mask(attention_mask)
+        pos = default_positions(attention_mask, position_ids, L, ref.device)
+        hidden, _ = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=keep,
+                                     position_ids=pos)
+        return self.model.compute_logits(hidden[:, logits_from:])

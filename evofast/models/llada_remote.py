@@ -1,0 +1,216 @@
+"""Adapter for LLaDA's remote-code class (`LLaDAModelLM` loaded with `trust_remote_code`).
+
+LLaDA's own code (``modeling_llada.py`` of its checkpoints) runs bidirectional
+attention but ignores padding and positions: its ``LLaDAModel.forward`` turns
+``attention_mask`` into an attention bias that ``LLaDABlock.attention`` then
+drops (it calls ``_scaled_dot_product_attention(q, k, v, attn_mask=None)``), and
+``RotaryEmbedding.forward(q, k)`` always rotates by ``arange(L)``. A left-padded
+row therefore attends to its pads and sees shifted positions.
+
+`install` rebinds, on the live instance only (instance attributes that shadow
+the class's methods; `remove` deletes them):
+
+* ``block._scaled_dot_product_attention`` of every block: while an adapter
+  `forward` is running, the bool key-padding mask ``(B, 1, 1, L)`` is passed as
+  ``attn_mask`` to the original method (whose SDPA branch honours it);
+* ``block.rotary_emb.forward``: while an adapter `forward` is running, RoPE is
+  applied at the rows' ``position_ids``, gathered from the module's own sin/cos
+  table (``get_rotary_embedding``) and applied with its own
+  ``apply_rotary_pos_emb``, so an unpadded row gets bit-identical angles;
+* ``transformer.ln_f.forward``: while an adapter `forward` is running, only rows
+  ``[logits_from, L)`` are normed, so the LM head (``ff_out`` / tied ``wte``)
+  runs on those rows only (the norm is per row, so nothing else changes).
+
+Outside `Adapter.forward` every wrapper calls the original unchanged, so plain
+``model(input_ids)`` gives exactly what it gave before `patch`. The adapter
+calls the model with ``use_cache=False`` (needed under transformers 5) and no
+``attention_mask`` (its bias would only be built and dropped).
+
+Not supported: KV-cache arguments (``past_key_values`` / ``replace_position``)
+through the adapter, ``block_group_size > 1`` (``transformer.block_groups``),
+ALiBi or learned positions, and activation checkpointing while gradients are
+recorded (the recomputation in backward would run outside the adapter's mask
+and positions), each refused with a TypeError / RuntimeError saying so.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import HFAdapter, InstancePatches, MethodHook, check_inputs, default_positions, keep_mask
+from .llada_native import llada_default_mask_id
+
+
+class _State:
+    """What the wrappers read while one adapter forward is running."""
+
+    __slots__ = ("mask", "positions", "logits_from", "tables")
+
+    def __init__(self, mask: Optional[Tensor], positions: Tensor, logits_from: int):
+        self.mask = mask  # bool (B, 1, 1, L) or None
+        self.positions = positions  # int64 (B or 1, L)
+        self.logits_from = logits_from
+        self.tables = {}  # (dtype, device) -> gathered (sin, cos), shared by the blocks
+
+
+def _remote_layout_problem(model: nn.Module) -> Optional[str]:
+    """What the remote-code layout lacks for this adapter, or None."""
+    inner = getattr(model, "model", None)
+    transformer = getattr(inner, "transformer", None)
+    if transformer is None or not isinstance(getattr(transformer, "wte", None), nn.Embedding):
+        return "no input embeddings at model.model.transformer.wte"
+    if "blocks" not in transformer:
+        if "block_groups" in transformer:
+            return "block_group_size > 1 (transformer.block_groups) is not supported"
+        return "no transformer.blocks"
+    if "ln_f" not in transformer:
+        return "no transformer.ln_f"
+    cfg = getattr(inner, "config", None) or getattr(model, "config", None)
+    if getattr(cfg, "alibi", False) or not getattr(cfg, "rope", True):
+        return "only RoPE models are supported (alibi=True or rope=False)"
+    for i, block in enumerate(transformer.blocks):
+        rotary = getattr(block, "rotary_emb", None)
+        if not callable(getattr(block, "_scaled_dot_product_attention", None)):
+            return f"block {i} has no _scaled_dot_product_attention"
+        for attr in ("get_rotary_embedding", "apply_rotary_pos_emb"):
+            if not callable(getattr(rotary, attr, None)):
+                return f"block {i}'s rotary_emb has no {attr}"
+    return None
+
+
+# -- what the hooks run (module-level so a patched model deep-copies and pickles) ----------
+def _masked_sdpa(adapter: "LLaDARemoteAdapter", block: nn.Module, original, q, k, v, attn_mask=None,
+                 dropout_p=0.0, is_causal=False):
+    """block._scaled_dot_product_attention with the adapter's key-padding mask as attn_mask."""
+    state = adapter._state
+    if state is not None and state.mask is not None:
+        mask = state.mask
+        if attn_mask is not None:  # LLaDA passes None; combine should a variant pass one
+            mask = (mask & attn_mask if attn_mask.dtype == torch.bool
+                    else attn_mask.masked_fill(~mask, torch.finfo(attn_mask.dtype).min))
+        attn_mask = mask
+    return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def _positioned_rope(adapter: "LLaDARemoteAdapter", rotary: nn.Module, original, q, k, *args, **kwargs):
+    """rotary_emb.forward(q, k) at the adapter's positions, from the module's own sin/cos table."""
+    state = adapter._state
+    if state is None:
+        return original(q, k, *args, **kwargs)
+    if any(a is not None for a in args) or any(v is not None for v in kwargs.values()):
+        raise RuntimeError("evofast's LLaDA remote adapter does not support KV-cache arguments "
+                           "(block_end_index / replace_position)")
+    if q.shape[-2] != k.shape[-2]:
+        raise RuntimeError("evofast's LLaDA remote adapter runs without a KV cache (query and key "
+                           f"lengths differ: {q.shape[-2]} vs {k.shape[-2]})")
+    full = bool(getattr(rotary.config, "rope_full_precision", True))
+    q_, k_ = (q.float(), k.float()) if full else (q, k)
+    with torch.autocast(q.device.type, enabled=False):
+        key = (q_.dtype, q_.device)
+        table = state.tables.get(key)
+        if table is None:  # gathered once per forward, shared by the blocks
+            pos = state.positions.to(q_.device)
+            n = int(pos.max()) + 1 if pos.numel() else 1
+            sin, cos = rotary.get_rotary_embedding(n, q_.device)  # (1, 1, >= n, head_dim)
+            table = state.tables[key] = (sin[0, 0].type_as(q_)[pos][:, None], cos[0, 0].type_as(q_)[pos][:, None])
+        sin, cos = table
+        q_ = rotary.apply_rotary_pos_emb(sin, cos, q_)
+        k_ = rotary.apply_rotary_pos_emb(sin, cos, k_)
+    return q_.type_as(q), k_.type_as(k)
+
+
+def _sliced_ln_f(adapter: "LLaDARemoteAdapter", ln_f: nn.Module, original, x, *args, **kwargs):
+    """ln_f on rows [logits_from, L) only, so the LM head after it runs on those rows only."""
+    state = adapter._state
+    if state is not None and state.logits_from:
+        x = x[:, state.logits_from:]
+    return original(x, *args, **kwargs)
+
+
+class LLaDARemoteAdapter(HFAdapter):
+    name = "llada-remote"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        klass = type(model)
+        if klass.__name__ != "LLaDAModelLM" or klass.__module__.startswith("evofast."):
+            return False
+        native = sys.modules.get("evofast.models.llada")
+        return native is None or not isinstance(model, native.LLaDAModelLM)
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> Optional[str]:
+        return _remote_layout_problem(model)
+
+    @classmethod
+    def default_mask_id(cls, model: nn.Module) -> Optional[int]:
+        return llada_default_mask_id(model.config)
+
+    def __init__(self, model: nn.Module, mask_id: int):
+        super().__init__(model, mask_id)
+        self._patches = InstancePatches()
+        self._state: Optional[_State] = None
+
+    @property
+    def transformer(self) -> nn.ModuleDict:
+        return self.model.model.transformer
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    @property
+    def vocab_size(self) -> int:
+        t = self.transformer
+        return int((t.ff_out if "ff_out" in t else t.wte).weight.shape[0])
+
+    @property
+    def max_length(self) -> Optional[int]:
+        n = getattr(self.model.config, "max_sequence_length", None)
+        return int(n) if n is not None else None
+
+    # -- rebinding -------------------------------------------------------------
+    def install(self) -> None:
+        problem = _remote_layout_problem(self.model)
+        if problem is not None:
+            raise TypeError(f"evofast.patch: {type(self.model).__name__} (LLaDA remote code): {problem}")
+        p = self._patches
+        for block in self.transformer.blocks:
+            p.set(block, "_scaled_dot_product_attention",
+                  MethodHook(self, block, "_scaled_dot_product_attention", _masked_sdpa))
+            p.set(block.rotary_emb, "forward", MethodHook(self, block.rotary_emb, "forward", _positioned_rope))
+        ln_f = self.transformer.ln_f
+        p.set(ln_f, "forward", MethodHook(self, ln_f, "forward", _sliced_ln_f))
+
+    def remove(self) -> None:
+        skipped = self._patches.undo()
+        if skipped:
+            import warnings
+            warnings.warn(f"evofast.unpatch: left alone (replaced after patch by something else): {skipped}")
+
+    # -- forward -----------------------------------------------------------------
+    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                logits_from: int = 0) -> Tensor:
+        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
+        if not len(self._patches):
+            raise RuntimeError("this adapter is not installed (use evofast.patch(model))")
+        if torch.is_grad_enabled() and any(getattr(b, "_activation_checkpoint_fn", None) is not None
+                                           for b in self.transformer.blocks):
+            raise RuntimeError("LLaDA's remote code has activation checkpointing on: its recomputation in "
+                               "backward would run without evofast's pad mask and positions; turn it off "
+                               "(model.model.set_activation_checkpointing(None)) or use evofast.models.llada")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        keep = keep_mask(attention_mask)
+        positions = default_positions(attention_mask, position_ids, L, ref.device)
+        if self._state is not None:
+            raise RuntimeError("evofast's LLaDA remote adapter is not re-entrant")
+        self._state = _State(None if keep is None else keep[:, None, None, :], positions, logits_from)
+        try:
+            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False,
+                             return_dict=True)
+        finally:
+            self._state = None
+        return out.logits

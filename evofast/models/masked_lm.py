@@ -1,0 +1,124 @@
+"""Adapters for transformers' masked LMs: `BertForMaskedLM`, `RobertaForMaskedLM`,
+`ModernBertForMaskedLM`.
+
+These encoders are bidirectional and honour a 2-D `attention_mask` (pad keys get
+no weight) and `position_ids` themselves, so `install` rebinds nothing. The
+adapter's forward runs the encoder with the key-padding mask and explicit
+positions, then the MLM head on rows `[logits_from, L)` only:
+
+* BERT: absolute position embeddings at `position_ids` (0 at each row's first
+  real token);
+* RoBERTa: absolute position embeddings at `position_ids + padding_idx + 1`,
+  RoBERTa's convention (its unpadded input counts from `padding_idx + 1`), so a
+  left-padded row gets the positions its unpadded run gets;
+* ModernBERT: RoPE at `position_ids`; its sliding-window layers mask by index
+  distance, which left padding does not change for real tokens.
+
+Mask id: `config.mask_token_id` when the config has one (checkpoint configs
+usually do not: the mask id lives in the tokenizer, e.g. 103 for bert-base,
+50264 for roberta-base, 50284 for ModernBERT-base), else `patch(model, mask_id=...)`.
+A config with `is_decoder=True` (causal self-attention) is refused.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .base import HFAdapter, check_inputs, default_positions, keep_mask
+
+
+class _MaskedLMAdapter(HFAdapter):
+    #: transformers class name this adapter serves, and the attributes of its body and head
+    class_name: str = ""
+    body_attr: str = ""
+
+    @classmethod
+    def _klass(cls):
+        import transformers
+        return getattr(transformers, cls.class_name, None)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        klass = cls._klass()
+        return klass is not None and isinstance(model, klass)
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> Optional[str]:
+        if getattr(model.config, "is_decoder", False):
+            return "causal-only attention (config.is_decoder=True); a masked LM needs is_decoder=False"
+        return None
+
+    @classmethod
+    def default_mask_id(cls, model: nn.Module) -> Optional[int]:
+        mid = getattr(model.config, "mask_token_id", None)
+        return None if mid is None else int(mid)
+
+    @property
+    def body(self) -> nn.Module:
+        return getattr(self.model, self.body_attr)
+
+    @property
+    def max_length(self) -> Optional[int]:
+        return int(self.model.config.max_position_embeddings)
+
+    def model_positions(self, positions: Tensor) -> Tensor:
+        """Adapter positions (0 at the first real token) -> the position ids the model embeds."""
+        return positions
+
+    def head(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                logits_from: int = 0) -> Tensor:
+        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        keep = keep_mask(attention_mask)
+        positions = self.model_positions(default_positions(attention_mask, position_ids, L, ref.device))
+        positions = positions.expand(B, L)
+        out = self.body(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                        attention_mask=None if keep is None else keep.long(), position_ids=positions)
+        return self.head(out[0][:, logits_from:])
+
+
+class BertMLMAdapter(_MaskedLMAdapter):
+    name = "bert-mlm"
+    class_name = "BertForMaskedLM"
+    body_attr = "bert"
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return self.model.cls(hidden)
+
+
+class RobertaMLMAdapter(_MaskedLMAdapter):
+    name = "roberta-mlm"
+    class_name = "RobertaForMaskedLM"
+    body_attr = "roberta"
+
+    @property
+    def padding_idx(self) -> int:
+        return int(self.body.embeddings.padding_idx)
+
+    @property
+    def max_length(self) -> Optional[int]:
+        return int(self.model.config.max_position_embeddings) - self.padding_idx - 1
+
+    def model_positions(self, positions: Tensor) -> Tensor:
+        return positions + (self.padding_idx + 1)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return self.model.lm_head(hidden)
+
+
+class ModernBertMLMAdapter(_MaskedLMAdapter):
+    name = "modernbert-mlm"
+    class_name = "ModernBertForMaskedLM"
+    body_attr = "model"
+
+    @classmethod
+    def unsupported(cls, model: nn.Module) -> Optional[str]:
+        return None  # an encoder only; it has no causal mode
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return self.model.decoder(self.model.head(hidden))
