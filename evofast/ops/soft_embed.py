@@ -20,8 +20,7 @@ from . import _backend, _checks
 from .reference import soft_embed_bwd_reference, soft_embed_fwd_reference
 
 
-@torch.library.custom_op("evofast::soft_embed_fwd", mutates_args=())
-def _soft_embed_fwd(weight: Tensor, ids: Tensor, w: Tensor, backend: str) -> Tensor:
+def _soft_embed_fwd_impl(weight: Tensor, ids: Tensor, w: Tensor, backend: str) -> Tensor:
     if backend == "torch":
         return soft_embed_fwd_reference(weight, ids, w)
     if backend == "triton":
@@ -30,20 +29,25 @@ def _soft_embed_fwd(weight: Tensor, ids: Tensor, w: Tensor, backend: str) -> Ten
     return torch.ops.evofast.soft_embed_fwd_fused(weight, ids, w)
 
 
-@_soft_embed_fwd.register_fake
-def _(weight, ids, w, backend):
-    return weight.new_empty(ids.shape[:-1] + (weight.shape[1],))
-
-
-@torch.library.custom_op("evofast::soft_embed_bwd", mutates_args=())
-def _soft_embed_bwd(grad: Tensor, weight: Tensor, ids: Tensor, w: Tensor,
-                    need_weight: bool, need_w: bool, backend: str) -> tuple[Tensor, Tensor]:
+def _soft_embed_bwd_impl(grad: Tensor, weight: Tensor, ids: Tensor, w: Tensor,
+                         need_weight: bool, need_w: bool, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "torch":
         return soft_embed_bwd_reference(grad, weight, ids, w, need_weight, need_w)
     if backend == "triton":
         from .triton_soft_embed import soft_embed_bwd_triton
         return soft_embed_bwd_triton(grad, weight, ids, w, need_weight, need_w)
     return torch.ops.evofast.soft_embed_bwd_fused(grad, weight, ids, w, need_weight, need_w)
+
+
+# What torch.compile sees. Eager calls skip the custom-op wrapper (a fixed Python
+# cost per call that a small decode step notices) and run the implementation.
+_soft_embed_fwd = torch.library.custom_op("evofast::soft_embed_fwd", _soft_embed_fwd_impl, mutates_args=())
+_soft_embed_bwd = torch.library.custom_op("evofast::soft_embed_bwd", _soft_embed_bwd_impl, mutates_args=())
+
+
+@_soft_embed_fwd.register_fake
+def _(weight, ids, w, backend):
+    return weight.new_empty(ids.shape[:-1] + (weight.shape[1],))
 
 
 @_soft_embed_bwd.register_fake
@@ -60,7 +64,8 @@ class SoftEmbedFunction(torch.autograd.Function):
     def forward(ctx, weight: Tensor, ids: Tensor, w: Tensor, backend: str) -> Tensor:
         ctx.save_for_backward(weight, ids, w)
         ctx.backend = backend
-        return _soft_embed_fwd(weight, ids, w, backend)
+        fwd = _soft_embed_fwd if torch.compiler.is_compiling() else _soft_embed_fwd_impl
+        return fwd(weight, ids, w, backend)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -68,7 +73,8 @@ class SoftEmbedFunction(torch.autograd.Function):
         need_weight, _, need_w, _ = ctx.needs_input_grad
         if not (need_weight or need_w):
             return None, None, None, None
-        gw, gwt = _soft_embed_bwd(grad.contiguous(), weight, ids, w, need_weight, need_w, ctx.backend)
+        bwd = _soft_embed_bwd if torch.compiler.is_compiling() else _soft_embed_bwd_impl
+        gw, gwt = bwd(grad.contiguous(), weight, ids, w, need_weight, need_w, ctx.backend)
         return (gw if need_weight else None), None, (gwt if need_w else None), None
 
 
