@@ -17,7 +17,10 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
+# The main job on the built-in tiny random-weight model (its text is nonsense by
+# design), then the kernel benchmark at a small shape.
 run: install
+	$(VENV)/bin/evofast generate --model tiny --prompt "What is 12 + 30?" --trace evotoken-trace.html
 	$(VENV)/bin/evofast bench ops --shape tiny
 
 test: install

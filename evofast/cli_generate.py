@@ -1,0 +1,219 @@
+"""`evofast generate`: EvoToken (or hard-mask) decoding of prompts from the command line.
+
+    evofast generate --model PATH_OR_tiny --prompt "..." [--prompt "..." ...]
+        [--mode evotoken|hard] [--steps N] [--gen-length N] [--block-length N]
+        [--k-soft K] [--alpha A] [--temperature T] [--threshold C] [--seed S]
+        [--trace out.html] [--trust-remote-code] [--device cpu|cuda] [--dtype auto|fp32|bf16|fp16]
+
+PATH is a local checkpoint directory (or a name transformers can resolve): its
+tokenizer is loaded with AutoTokenizer, the model with AutoModel (LLaDA, Dream),
+AutoModelForMaskedLM (BERT-like) or AutoModelForCausalLM (a Qwen2 checkpoint run
+bidirectionally), then `evofast.patch`ed. LLaDA checkpoints load into evofast's
+own LLaDA implementation unless --trust-remote-code is given (then the
+checkpoint's code runs); no remote code runs without that flag. The chat
+template is applied when the tokenizer has one (--no-chat-template: never).
+Several --prompt values run as one left-padded batch.
+
+`--model tiny` is a built-in random-weight LLaDA-architecture model (d_model 64,
+2 layers) with a character tokenizer: it runs in a second and its text is
+nonsense. --trace writes a self-contained HTML page of every step (how each
+position went from mask to soft to decoded; colour = confidence, top-k on hover).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HELP = "generate text with EvoToken soft-token decoding (a checkpoint, or --model tiny)"
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+TINY_NOTE = ("note: --model tiny is a random-weight LLaDA-architecture model (d_model 64, 2 layers) with a "
+             "character tokenizer: its text is nonsense. It shows that the pipeline runs, nothing more.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="PATH_OR_tiny",
+                        help="checkpoint directory, or 'tiny' for the built-in random model")
+    parser.add_argument("--prompt", required=True, action="append", metavar="TEXT",
+                        help="the prompt; repeat for a batch (left-padded)")
+    parser.add_argument("--mode", choices=("evotoken", "hard"), default="evotoken",
+                        help="evotoken (soft tokens, default) or hard (plain masked diffusion)")
+    parser.add_argument("--gen-length", type=int, default=128, metavar="N", help="tokens to generate (128)")
+    parser.add_argument("--block-length", type=int, default=32, metavar="N", help="block length (32)")
+    parser.add_argument("--steps", type=int, default=64, metavar="N", help="decoding steps in all (64)")
+    parser.add_argument("--k-soft", type=int, default=3, metavar="K", help="top-k of a soft token (3)")
+    parser.add_argument("--alpha", type=float, default=0.7, metavar="A", help="mask weight of a soft mask (0.7)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    parser.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
+    parser.add_argument("--threshold", type=float, default=None, metavar="C",
+                        help="confidence-threshold parallel decoding (default: the step schedule)")
+    parser.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+                        help="KV cache (not built yet: only none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (temperature > 0)")
+    parser.add_argument("--trace", metavar="FILE.html", default=None,
+                        help="write a self-contained HTML page of every decoding step")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the checkpoint's own model / tokenizer code")
+    parser.add_argument("--no-chat-template", action="store_true", help="never apply the chat template")
+    parser.add_argument("--mask-id", type=int, default=None,
+                        help="mask token id (default: the config's, else the tokenizer's)")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--progress", action="store_true", help="a progress bar over the steps")
+
+
+def _device_dtype(args):
+    import torch
+
+    if args.device in (None, "auto"):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("evofast generate: --device cuda, but no CUDA device is available here")
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = names.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def load_tiny(device, dtype):
+    """The built-in random model and its character tokenizer.
+
+    On the CPU `run` then uses one torch thread: the model's matrices are so small
+    that more threads only add synchronisation (on a busy machine, tens of times
+    slower)."""
+    from .models import llada
+    from .models.tiny_tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    model = llada.tiny(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, seed=0)
+    return model.to(device=device, dtype=dtype), tok
+
+
+def load_checkpoint(path: str, device, dtype, trust_remote_code: bool):
+    """Tokenizer and model of a checkpoint (see the module docstring for the class choice)."""
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
+                              AutoTokenizer)
+
+    from .models import llada
+
+    llada.register()                                   # model_type "llada" -> evofast's own LLaDA
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    archs = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "model_type", None) == "llada":
+        auto = AutoModel
+    elif any("MaskedLM" in a for a in archs):
+        auto = AutoModelForMaskedLM
+    elif any("CausalLM" in a for a in archs):
+        auto = AutoModelForCausalLM
+    else:
+        auto = AutoModel
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = auto.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
+    return model.to(device).eval(), tok
+
+
+def encode_prompts(tok, prompts, chat: bool, device):
+    """Token ids (B, P) left-padded, attention mask (B, P) or None."""
+    import torch
+
+    rows = []
+    for text in prompts:
+        if chat and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False)
+        ids = tok(text)["input_ids"]
+        rows.append(list(ids))
+    P = max(len(r) for r in rows)
+    pad = next((v for v in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                if v is not None), 0)
+    ids = torch.full((len(rows), P), int(pad), dtype=torch.long)
+    am = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, P - len(r):] = torch.tensor(r)
+            am[i, P - len(r):] = 1
+    return ids.to(device), (None if bool(am.all()) else am.to(device))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import generation
+    from .models.registry import patch
+
+    def err(msg):
+        print(f"evofast generate: error: {msg}", file=sys.stderr)
+        return 2
+
+    device, dtype = _device_dtype(args)
+    try:
+        if args.model == "tiny":
+            print(TINY_NOTE, file=sys.stderr)
+            if device.type == "cpu":
+                torch.set_num_threads(1)                # see load_tiny
+            model, tok = load_tiny(device, dtype)
+        else:
+            model, tok = load_checkpoint(args.model, device, dtype, args.trust_remote_code)
+        mask_id = args.mask_id
+        if mask_id is None and getattr(getattr(model, "config", None), "mask_token_id", None) is None:
+            mask_id = getattr(tok, "mask_token_id", None)
+        patch(model, mask_id=mask_id)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        return err(f"cannot load {args.model!r}: {e}")
+
+    ids, am = encode_prompts(tok, args.prompt, not args.no_chat_template, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    try:
+        out = generation.generate(
+            model, ids, am, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+            mode=args.mode, k_soft=args.k_soft, alpha=args.alpha, temperature=args.temperature,
+            remasking=args.remasking, threshold=args.threshold, cache=None if args.cache == "none" else args.cache,
+            generator=gen, progress=args.progress, return_trace=args.trace is not None)
+    except (ValueError, NotImplementedError) as e:
+        return err(str(e))
+    seconds = time.perf_counter() - t0
+    out, trace = out if args.trace is not None else (out, None)
+
+    P = ids.shape[1]
+    answers = tok.batch_decode(out[:, P:].tolist(), skip_special_tokens=True)
+    for i, text in enumerate(answers):
+        if len(answers) > 1:
+            print(f"[{i}] ", end="")
+        print(text)
+    n = out.shape[0] * args.gen_length
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s), mode {args.mode}, {device}, "
+          f"{str(dtype).replace('torch.', '')}", file=sys.stderr)
+    if trace is not None:
+        from .trace import to_html
+        path = Path(args.trace)
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        to_html(trace, tok, path, title=f"evofast generate: {args.model} ({args.mode})")
+        print(f"trace: wrote {path} ({trace.num_steps} steps)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="evofast generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

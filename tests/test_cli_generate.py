@@ -1,0 +1,191 @@
+"""`evofast generate` end to end on the built-in tiny model, and the HTML trace it writes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _run(*args, module="evofast.cli_generate", timeout=120):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "out.html"
+    res = _run("--model", "tiny", "--prompt", "hi", "--gen-length", "32", "--block-length", "8", "--steps", "16",
+               "--trace", str(path))
+    return res, path
+
+
+def test_tiny_end_to_end(tiny_run):
+    res, path = tiny_run
+    assert res.returncode == 0, res.stderr
+    assert "nonsense" in res.stderr                       # the tiny model says its text means nothing
+    answer = res.stdout.rstrip("\n")
+    assert answer and "<mask>" not in answer
+    assert "32 tokens in" in res.stderr and "trace: wrote" in res.stderr
+
+
+def test_trace_page_is_self_contained(tiny_run):
+    res, path = tiny_run
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert not re.search(r"""(src|href)\s*=|https?://|@import""", page), "the page must load nothing"
+    data = json.loads(re.search(r'<script type="application/json" id="trace-data">(.*?)</script>', page,
+                                re.S).group(1).replace("<\\/", "</"))
+    assert data["meta"]["gen_length"] == 32 and data["meta"]["forwards"] == 16
+    row = data["rows"][0]
+    assert len(row["steps"]) == 17 and len(row["steps"][0]["x"]) == 32
+    assert set(row["steps"][0]["state"]) == {0}                 # all [MASK] before the first forward
+    assert set(row["steps"][-1]["state"]) <= {2, 3}            # soft / decoded at the end
+    assert data["vocab"] and all(isinstance(v, str) for v in data["vocab"].values())
+
+
+def _main(capsys, *args):
+    """The command in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from evofast import cli_generate
+    code = cli_generate.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_batch_of_prompts_and_hard_mode(capsys):
+    import torch
+    threads = torch.get_num_threads()
+    code, out, err = _main(capsys, "--model", "tiny", "--prompt", "hi", "--prompt", "hello there", "--mode", "hard",
+                           "--gen-length", "16", "--block-length", "8", "--steps", "8", "--progress")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("[0] ") and any(line.startswith("[1] ") for line in lines)
+    assert "evofast generate" in err                                # the progress bar
+    assert torch.get_num_threads() == threads                       # the tiny model's one thread is undone
+
+
+@pytest.mark.parametrize("args,what", [
+    (("--gen-length", "10", "--block-length", "4"), "gen_length"),
+    (("--cache", "prefix"), "KV cache"),
+    (("--alpha", "1.5"), "alpha"),
+])
+def test_bad_arguments_are_reported(capsys, args, what):
+    code, out, err = _main(capsys, "--model", "tiny", "--prompt", "hi", *args)
+    assert code == 2 and what in err and "Traceback" not in err and not out
+
+
+def test_missing_checkpoint_is_reported(capsys):
+    code, out, err = _main(capsys, "--model", "/nonexistent/checkpoint", "--prompt", "hi")
+    assert code == 2 and "cannot load" in err
+
+
+def test_command_table_entry():
+    """Through `evofast generate` once the row is in evofast.cli.COMMANDS."""
+    from evofast import cli
+    if "generate" not in cli.COMMANDS:
+        pytest.skip("evofast.cli.COMMANDS has no 'generate' row yet")
+    res = _run("generate", "--model", "tiny", "--prompt", "hi", "--gen-length", "8", "--block-length", "8",
+               "--steps", "4", module="evofast")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()
+
+
+def _save_char_tokenizer(path, chat_template=None):
+    """A transformers fast tokenizer with the tiny model's character vocabulary, saved to `path`."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from evofast.models.tiny_tokenizer import CharTokenizer
+    ct = CharTokenizer()
+    vocab = {t: i for i, t in enumerate(ct.tokens)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                  unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<eos>",
+                                  mask_token="<mask>")
+    if chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(path)
+    return tok
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_checkpoint_directory(tmp_path, capsys, chat):
+    """A saved evofast LLaDA checkpoint (random weights) and tokenizer load through the Auto classes; the
+    answer is what generate gives in this process for the (chat-templated) prompt."""
+    import torch
+
+    from evofast.generation import generate
+    from evofast.models import llada
+    model = llada.tiny(vocab_size=100, d_model=32, n_layers=1, n_heads=2, seed=3)
+    model.save_pretrained(tmp_path)
+    template = ("{% for m in messages %}<bos>Q: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}A:{% endif %}")
+    tok = _save_char_tokenizer(tmp_path, template if chat else None)
+    code, out, err = _main(capsys, "--model", str(tmp_path), "--prompt", "hi", "--gen-length", "8",
+                           "--block-length", "8", "--steps", "4", "--device", "cpu")
+    assert code == 0, err
+    assert "nonsense" not in err
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                   tokenize=False) if chat else "hi"
+    assert text.startswith("<bos>Q: hi") if chat else True
+    ids = torch.tensor([tok(text)["input_ids"]])
+    want = generate(model, ids, gen_length=8, block_length=8, steps=4)
+    assert out == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_checkpoint_without_tokenizer_is_reported(tmp_path, capsys):
+    from evofast.models import llada
+    llada.tiny(vocab_size=100, d_model=32, n_layers=1, n_heads=2, seed=3).save_pretrained(tmp_path)
+    code, _, err = _main(capsys, "--model", str(tmp_path), "--prompt", "hi", "--gen-length", "8",
+                         "--block-length", "8", "--steps", "4")
+    assert code == 2 and "cannot load" in err
+
+
+@pytest.mark.slow
+def test_trace_renders_in_headless_chromium(tiny_run):
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        pytest.skip("chromium is not installed")
+    res, path = tiny_run
+    browser = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          path.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    assert 'data-rendered="1"' in dom, out.stderr[-2000:]
+    cells = [int(c) for c in re.findall(r'<td class="cell[^"]*" data-pos="(\d+)"', dom)]
+    assert len(cells) == 17 * 32                                  # every step x every generated position
+    assert set(cells) == set(range(min(cells), min(cells) + 32))
+    assert 'data-state="decoded"' in dom and 'data-state="soft-mask"' in dom
+
+
+def test_bench_generate_tiny(tmp_path, capsys):
+    """`evofast bench generate` at the tiny shape: the table, the JSON, and tokens equal to the authors' loop."""
+    import torch
+
+    from evofast.bench import generate as bench
+    out = tmp_path / "gen.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--shape", "tiny", "--device", "cpu", "--repeat", "1", "--batch", "1", "2",
+                           "--backends", "authors", "cpp", "torch", "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    for col in ("s/gen", "ms/step", "tokens/s", "% outside fwd", "speedup", "check"):
+        assert col in text
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "evofast.bench.generate" and data["config"]["shape"] == "tiny"
+    timed = [r for r in data["rows"] if not r.get("skipped")]
+    assert {r["provider"] for r in timed} == {"authors", "evofast-cpp", "evofast-torch"}
+    for r in timed:
+        assert r["check"] in ("ok", "reference"), r
+        assert r["forwards"] >= 16 and r["tokens_per_s"] > 0 and 0 <= r["outside_pct"] <= 100
