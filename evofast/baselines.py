@@ -99,3 +99,75 @@ def needed_rows_step(logits, x, conf, num_transfer, *, row0, block_start, block_
     w = torch.where((pos < frozen).unsqueeze(-1), F.one_hot(torch.tensor(k_soft), k_soft + 1).to(w), w)
     ids = torch.cat([ti, xw.unsqueeze(-1)], -1)
     return ids, w.to(logits.dtype), transfer
+
+
+def authors_hard_step(logits, x, num_transfer, *, mask_id, block_end, threshold=None):
+    """The authors' `get_transfer_index` at temperature 0, batch 1 (the -inf lands in the logits: QUIRK)."""
+    M = mask_id
+    mask_index = x == M
+    mask_index[:, block_end:] = False
+    logits[:, :, M] = -torch.inf
+    x0 = logits.argmax(-1)
+    p = torch.softmax(logits.to(torch.float64), -1)
+    x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, -torch.inf)
+    transfer = torch.zeros_like(x0, dtype=torch.bool)
+    n = int(mask_index.sum()) if threshold is not None else int(num_transfer)
+    _, sel = torch.topk(confidence[0], k=n)
+    transfer[0, sel] = True
+    if threshold is not None:
+        for k in range(1, n):
+            if confidence[0, sel[k]] < threshold:
+                transfer[0, sel[k]] = False
+    x[transfer] = x0[transfer]
+
+
+@torch.no_grad()
+def authors_generate(model, prompt, *, gen_length, block_length, steps, mask_id, mode="evotoken", k_soft=3,
+                     alpha=0.7, threshold=None, timer=None):
+    """The authors' `generate_soft_token` (mode "evotoken") / `generate` (mode "hard") loop.
+
+    Batch 1, no cache, greedy: one forward over the whole sequence per step (plain
+    embeddings at the first one), the soft input mixed by the spec formula as their
+    model does, and the full-sequence float64 post-processing of `authors_step`.
+    `prompt (1, P)` -> `(1, P + gen_length)`. `timer(fn, *args)`, when given, wraps
+    every model forward (benchmarks use it to split forward time from the rest).
+    """
+    from .ops.reference import soft_embed_spec
+
+    M = mask_id
+    P = prompt.shape[1]
+    x = torch.full((1, P + gen_length), M, dtype=torch.long, device=prompt.device)
+    x[:, :P] = prompt
+    blocks = gen_length // block_length
+    s = steps // blocks
+    conf = torch.zeros_like(x, dtype=torch.float64)
+    soft = prob = None                                   # the first forward reads plain embeddings
+    E = model.get_input_embeddings().weight
+
+    def forward(soft, prob):
+        if soft is None:
+            return model(input_ids=x).logits
+        return model(inputs_embeds=soft_embed_spec(E, soft, prob)).logits
+
+    for b in range(blocks):
+        bs = P + b * block_length
+        be = bs + block_length
+        masked = int((x[:, bs:be] == M).sum())
+        n = [masked // s + (t < masked % s) for t in range(s)]
+        i = 0
+        while True:
+            logits = timer(forward, soft, prob) if timer is not None else forward(soft, prob)
+            # the authors' code indexes past its schedule (IndexError) when prompt masks take
+            # transfers; evofast then transfers one token per step (generation.py's docstring)
+            nt = n[i] if i < s else 1
+            if mode == "evotoken":
+                soft, prob, _ = authors_step(logits.clone(), x, conf, nt, mask_id=M, block_start=bs, block_end=be,
+                                             prompt_len=P, k_soft=k_soft, alpha=alpha, threshold=threshold)
+            else:
+                authors_hard_step(logits.clone(), x, nt, mask_id=M, block_end=be, threshold=threshold)
+            i += 1
+            if int((x[:, bs:be] == M).sum()) == 0:
+                break
+    return x

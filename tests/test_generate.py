@@ -1,6 +1,6 @@
-"""evofast.generate against the spec: the authors' batch-1 loops re-stated here, token for token.
+"""evofast.generate against the spec: the authors' batch-1 loops, token for token.
 
-`spec_generate` is the authors' `generate_soft_token` (mode "evotoken") and
+`spec_generate` (`evofast.baselines.authors_generate`) is the authors' `generate_soft_token` (mode "evotoken") and
 `generate` (mode "hard") loops, batch 1, no cache, greedy: every forward over
 the whole sequence, the per-step post-processing of `evofast.baselines.authors_step`
 over all rows in float64, and the model's soft input computed by the spec formula
@@ -18,70 +18,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from evofast.baselines import authors_step  # noqa: E402
+from evofast.baselines import authors_generate  # noqa: E402
 from evofast.generation import generate  # noqa: E402
 from evofast.models import llada  # noqa: E402
-from evofast.ops.reference import soft_embed_spec  # noqa: E402
 from evofast.trace import DECODED, MASK, SOFT, SOFT_MASK, Trace, to_html  # noqa: E402
 
 
-# --------------------------------------------------------------------------- the spec loops
-def spec_generate(model, prompt, *, gen_length, block_length, steps, mask_id, mode="evotoken", k_soft=3,
-                  alpha=0.7, threshold=None):
-    """The authors' loop for one prompt (1, P) -> (1, P + gen_length)."""
-    M = mask_id
-    P = prompt.shape[1]
-    x = torch.full((1, P + gen_length), M, dtype=torch.long)
-    x[:, :P] = prompt
-    blocks = gen_length // block_length
-    s = steps // blocks
-    conf = torch.zeros_like(x, dtype=torch.float64)
-    soft = prob = None                                   # the first forward reads plain embeddings
-    E = model.get_input_embeddings().weight
-    for b in range(blocks):
-        bs = P + b * block_length
-        be = bs + block_length
-        masked = int((x[:, bs:be] == M).sum())
-        n = [masked // s + (t < masked % s) for t in range(s)]
-        i = 0
-        while True:
-            if soft is None:
-                logits = model(input_ids=x).logits
-            else:
-                logits = model(inputs_embeds=soft_embed_spec(E, soft, prob)).logits
-            # the authors' code indexes past its schedule (IndexError) when prompt masks take
-            # transfers; evofast then transfers one token per step (generation.py's docstring)
-            nt = n[i] if i < s else 1
-            if mode == "evotoken":
-                soft, prob, _ = authors_step(logits.clone(), x, conf, nt, mask_id=M, block_start=bs, block_end=be,
-                                             prompt_len=P, k_soft=k_soft, alpha=alpha, threshold=threshold)
-            else:
-                _hard_step(logits.clone(), x, nt, M, be, threshold)
-            i += 1
-            if int((x[:, bs:be] == M).sum()) == 0:
-                break
-    return x
-
-
-def _hard_step(logits, x, num_transfer, M, be, threshold):
-    """The authors' get_transfer_index at temperature 0 (the -inf lands in the logits: QUIRK)."""
-    mask_index = x == M
-    mask_index[:, be:] = False
-    logits[:, :, M] = -torch.inf
-    x0 = logits.argmax(-1)
-    p = torch.softmax(logits.to(torch.float64), -1)
-    x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
-    x0 = torch.where(mask_index, x0, x)
-    confidence = torch.where(mask_index, x0_p, -torch.inf)
-    transfer = torch.zeros_like(x0, dtype=torch.bool)
-    n = int(mask_index.sum()) if threshold is not None else num_transfer
-    _, sel = torch.topk(confidence[0], k=n)
-    transfer[0, sel] = True
-    if threshold is not None:
-        for k in range(1, n):
-            if confidence[0, sel[k]] < threshold:
-                transfer[0, sel[k]] = False
-    x[transfer] = x0[transfer]
+# --------------------------------------------------------------------------- the spec loop
+spec_generate = authors_generate   # the authors' batch-1 loops, restated in evofast.baselines
 
 
 # --------------------------------------------------------------------------- models and prompts

@@ -35,7 +35,6 @@ import torch
 from .. import baselines
 from ..ops import _backend
 from ..ops import backends as evofast_backends
-from ..ops.reference import soft_embed_spec
 from . import _common
 
 HELP = "end-to-end generation: evofast.generate vs the authors' loop (tokens/s, ms/step, share outside the forward)"
@@ -147,42 +146,6 @@ def timed_adapter(adapter, timer: ForwardTimer):
     return _Timed()
 
 
-# --------------------------------------------------------------------------- the authors' loop
-@torch.no_grad()
-def authors_generate(model, prompt: torch.Tensor, *, gen_length: int, block_length: int, steps: int, mask_id: int,
-                     k_soft: int = K_SOFT, alpha: float = ALPHA, timer: Optional[ForwardTimer] = None):
-    """The authors' `generate_soft_token` for one prompt (1, P), greedy, no threshold -> (1, P + gen_length)."""
-    M = mask_id
-    P = prompt.shape[1]
-    x = torch.full((1, P + gen_length), M, dtype=torch.long, device=prompt.device)
-    x[:, :P] = prompt
-    blocks = gen_length // block_length
-    s = steps // blocks
-    conf = torch.zeros_like(x, dtype=torch.float64)
-    soft = prob = None
-    E = model.get_input_embeddings().weight
-
-    def forward(soft, prob):
-        if soft is None:
-            return model(input_ids=x).logits
-        return model(inputs_embeds=soft_embed_spec(E, soft, prob)).logits   # their model mixes inside forward
-
-    for b in range(blocks):
-        bs = P + b * block_length
-        be = bs + block_length
-        masked = int((x[:, bs:be] == M).sum())
-        n = [masked // s + (t < masked % s) for t in range(s)]
-        i = 0
-        while True:
-            logits = timer(forward, soft, prob) if timer is not None else forward(soft, prob)
-            soft, prob, _ = baselines.authors_step(logits, x, conf, n[min(i, s - 1)], mask_id=M, block_start=bs,
-                                                   block_end=be, prompt_len=P, k_soft=k_soft, alpha=alpha)
-            i += 1
-            if int((x[:, bs:be] == M).sum()) == 0:
-                break
-    return x
-
-
 # --------------------------------------------------------------------------- one case
 def provider_names() -> list:
     return [AUTHORS, *(f"evofast-{b}" for b in _backend.BACKENDS)]
@@ -230,7 +193,7 @@ def bench_case(shape: GenShape, B: int, model, device: torch.device, providers: 
                 continue
 
             def run(timer=None):
-                return torch.cat([authors_generate(model, prompts[b:b + 1], mask_id=M, timer=timer, **kw)
+                return torch.cat([baselines.authors_generate(model, prompts[b:b + 1], mask_id=M, timer=timer, **kw)
                                   for b in range(B)])
         else:
             backend = name.removeprefix("evofast-")
