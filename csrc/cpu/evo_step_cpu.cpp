@@ -66,6 +66,25 @@ EVO_INLINE float bits_f32(uint32_t u) {
   return x;
 }
 
+// exp(r) for |r| <= ln2/2: the degree-13 Taylor polynomial in Horner form, for
+// a double or a GCC vector of doubles (one algorithm for the scalar and SIMD paths).
+template <typename T>
+EVO_INLINE T exp_taylor13(T r) {
+  T p = r * (1.0 / 6227020800.0) + 1.0 / 479001600.0;  // 1/13!, 1/12!
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  return p * r + 1.0;
+}
+
 // exp(t) for t <= 0 in float64, about 1 ulp: Cody-Waite reduction
 // t = n*ln2 + r, |r| <= ln2/2, degree-13 Taylor polynomial, 2^n built in the
 // exponent bits. t < -708 gives 0 (the true value is below 2^-1021, nothing
@@ -81,20 +100,7 @@ EVO_INLINE double exp_nonpos(double t) {
   kd -= kShift;
   double r = tc - kd * kLn2Hi;
   r = r - kd * kLn2Lo;
-  double p = 1.0 / 6227020800.0;  // 1/13!
-  p = p * r + 1.0 / 479001600.0;  // 1/12!
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  const double p = exp_taylor13(r);
   const double scale = bits_f64((ki + 1023) << 52);         // 2^n, n in [-1021, 0]
   const double res = p * scale;
   return t < -708.0 ? 0.0 : res;
@@ -252,19 +258,7 @@ EVO_INLINE typename Vec<W>::d vexp_nonpos(typename Vec<W>::d t) {
   kd -= 0x1.8p52;
   vd r = tc - kd * 6.93147180369123816490e-01;
   r = r - kd * 1.90821492927058770002e-10;
-  vd p = r * (1.0 / 6227020800.0) + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  const vd p = exp_taylor13(r);
   const vd res = p * reinterpret_cast<vd>((ki + 1023) << 52);
   return t < -708.0 ? vd{} : res;
 }
