@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from . import _backend
+from .triton_soft_embed import _bf16_rne
 
 try:  # the combine functions behind tl.max / tl.min / tl.sum: reducing with them
     # directly is the same code on a GPU, and the interpreter runs them as numpy
@@ -355,8 +356,7 @@ def _evo_seq_kernel(
     # in integers: the interpreter truncates in .to(tl.bfloat16), a GPU rounds the same way
     wv = wv.to(tl.float32)
     if w_ptr.dtype.element_ty == tl.bfloat16:
-        ub = wv.to(tl.uint32, bitcast=True)
-        wv = ((ub + 0x7FFF + ((ub >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        wv = _bf16_rne(wv)
     wv = wv.to(w_ptr.dtype.element_ty)
     tl.store(w_ptr + rowi[:, None] * (K + 1) + kk, wv, mask=im[:, None] & (kk <= K))
 

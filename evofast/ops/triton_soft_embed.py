@@ -48,6 +48,26 @@ INTERP_BLOCK_D = 1024
 
 
 @triton.jit
+def _clamped_sum(w_ptr, n, J, ACC: tl.constexpr, BLOCK_J: tl.constexpr):
+    """S = sum_j clamp(w[n, j], 0), the denominator max(S, 1e-12), and 1e-12, in ACC."""
+    jj = tl.arange(0, BLOCK_J)
+    S = tl.full((BLOCK_J,), 0, ACC)
+    for j0 in range(0, J, BLOCK_J):
+        wv = tl.load(w_ptr + n * J + j0 + jj, mask=j0 + jj < J, other=0.0).to(ACC)
+        S += tl.where(wv < 0, 0.0, wv)  # a clamp that keeps NaN, as torch's clamp_min
+    S = tl.reduce(S, 0, _SUM)
+    eps = tl.full([], 1e-12, ACC)
+    return S, tl.where(S < eps, eps, S), eps
+
+
+@triton.jit
+def _bf16_rne(v):
+    """fp32 -> bf16 rounding to nearest even (the interpreter's cast truncates; module docstring)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _soft_embed_fwd_kernel(
     weight_ptr, ids_ptr, w_ptr, out_ptr, J, D,
     ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -56,13 +76,7 @@ def _soft_embed_fwd_kernel(
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = dd < D
     jj = tl.arange(0, BLOCK_J)
-    S = tl.full((BLOCK_J,), 0, ACC)  # sum_j clamp(w_j, 0) over all J
-    for j0 in range(0, J, BLOCK_J):
-        wv = tl.load(w_ptr + n * J + j0 + jj, mask=j0 + jj < J, other=0.0).to(ACC)
-        S += tl.where(wv < 0, 0.0, wv)  # a clamp that keeps NaN, as torch's clamp_min
-    S = tl.reduce(S, 0, _SUM)
-    eps = tl.full([], 1e-12, ACC)
-    den = tl.where(S < eps, eps, S)
+    S, den, eps = _clamped_sum(w_ptr, n, J, ACC, BLOCK_J)
     acc = tl.full((BLOCK_D,), 0, ACC)
     for j0 in range(0, J, BLOCK_J):
         jm = j0 + jj < J
@@ -71,9 +85,8 @@ def _soft_embed_fwd_kernel(
         idv = tl.load(ids_ptr + n * J + j0 + jj, mask=jm, other=0)
         e = tl.load(weight_ptr + idv[:, None] * D + dd[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
         acc += tl.reduce(wn[:, None] * e.to(ACC), 0, _SUM)
-    if out_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even (module docstring)
-        acc = ((acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16
-               ).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        acc = _bf16_rne(acc)
     tl.store(out_ptr + n * D + dd, acc.to(out_ptr.dtype.element_ty), mask=dm)
 
 
@@ -86,13 +99,7 @@ def _soft_embed_bwd_kernel(
     n = tl.program_id(0).to(tl.int64)
     jt = tl.program_id(1)
     jj = tl.arange(0, BLOCK_J)
-    S = tl.full((BLOCK_J,), 0, ACC)  # sum_j clamp(w_j, 0) over all J
-    for j0 in range(0, J, BLOCK_J):
-        wv = tl.load(w_ptr + n * J + j0 + jj, mask=j0 + jj < J, other=0.0).to(ACC)
-        S += tl.where(wv < 0, 0.0, wv)  # a clamp that keeps NaN, as torch's clamp_min
-    S = tl.reduce(S, 0, _SUM)
-    eps = tl.full([], 1e-12, ACC)
-    den = tl.where(S < eps, eps, S)
+    S, den, eps = _clamped_sum(w_ptr, n, J, ACC, BLOCK_J)
     jo = jt * BLOCK_J + jj
     jm = jo < J
     wv = tl.load(w_ptr + n * J + jo, mask=jm, other=0.0).to(ACC)
@@ -117,9 +124,7 @@ def _soft_embed_bwd_kernel(
             through = tl.reduce(g * c, 0, _SUM) / (den * den) * (S >= eps).to(ACC)
             gwt = (g / den - through) * (wv >= 0).to(ACC)
             if gwt_ptr.dtype.element_ty == tl.bfloat16:
-                gwt = gwt.to(tl.float32)
-                gwt = ((gwt.to(tl.uint32, bitcast=True) + 0x7FFF + ((gwt.to(tl.uint32, bitcast=True) >> 16) & 1))
-                       >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                gwt = _bf16_rne(gwt.to(tl.float32))
             tl.store(gwt_ptr + n * J + jo, gwt.to(gwt_ptr.dtype.element_ty), mask=jm)
         else:
             tl.store(g_ptr + n * J + jo, g, mask=jm)
@@ -131,13 +136,7 @@ def _soft_embed_gradw_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)
     jj = tl.arange(0, BLOCK_J)
-    S = tl.full((BLOCK_J,), 0, ACC)  # sum_j clamp(w_j, 0) over all J
-    for j0 in range(0, J, BLOCK_J):
-        wv = tl.load(w_ptr + n * J + j0 + jj, mask=j0 + jj < J, other=0.0).to(ACC)
-        S += tl.where(wv < 0, 0.0, wv)  # a clamp that keeps NaN, as torch's clamp_min
-    S = tl.reduce(S, 0, _SUM)
-    eps = tl.full([], 1e-12, ACC)
-    den = tl.where(S < eps, eps, S)
+    S, den, eps = _clamped_sum(w_ptr, n, J, ACC, BLOCK_J)
     gc = tl.full((BLOCK_J,), 0, ACC)
     for j0 in range(0, J, BLOCK_J):
         jm = j0 + jj < J
@@ -151,9 +150,7 @@ def _soft_embed_gradw_kernel(
         g = tl.load(g_ptr + n * J + j0 + jj, mask=jm, other=0.0)
         gwt = (g / den - through) * (wv >= 0).to(ACC)
         if gwt_ptr.dtype.element_ty == tl.bfloat16:
-            gwt = gwt.to(tl.float32)
-            gwt = ((gwt.to(tl.uint32, bitcast=True) + 0x7FFF + ((gwt.to(tl.uint32, bitcast=True) >> 16) & 1))
-                   >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            gwt = _bf16_rne(gwt.to(tl.float32))
         tl.store(gwt_ptr + n * J + j0 + jj, gwt.to(gwt_ptr.dtype.element_ty), mask=jm)
 
 
