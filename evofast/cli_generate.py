@@ -209,10 +209,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="evofast generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from . import cli
+    return cli.standalone(sys.modules[__name__], "evofast generate", argv)
 
 
 if __name__ == "__main__":
