@@ -18,11 +18,16 @@ import sys
 BENCHMARKS = {
     "ops": "evofast.bench.ops",
     "generate": "evofast.bench.generate",
+    "cts": "evofast.bench.cts",
+    "quality": "evofast.bench.quality",
 }
 
 # top-level command -> module (besides `bench`)
 COMMANDS: dict[str, str] = {
     "generate": "evofast.cli_generate",
+    "train-cts": "evofast.cli_train_cts",
+    "train-base": "evofast.cli_train_base",
+    "eval": "evofast.cli_eval",
 }
 
 
