@@ -144,6 +144,34 @@ def test_evo_step_variants_match_cpu(cuda_ops, monkeypatch, case, V, shape):
     assert_same_step(got, exp, dtype, inp)
 
 
+HIST_ENV = "EVOFAST_CUDA_HIST"
+
+
+@pytest.mark.parametrize("hist", ["on", "off"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("V", [1000, 126464])
+def test_evo_step_bf16_value_histogram(cuda_ops, monkeypatch, V, shape, hist):
+    """bf16 greedy rows take the value-histogram sum (one exp per distinct value);
+    logits outside its range (|v| < 2^-8, |v| >= 2^8, zeros, -inf) take the
+    per-column exp. Both agree with the CPU kernel to float64 rounding."""
+    monkeypatch.setenv(SPLITS_ENV, SHAPES[shape])
+    monkeypatch.setenv(HIST_ENV, "1" if hist == "on" else "0")
+    inp = make_step_inputs(3, 29, V, torch.bfloat16, seed=V + 5)
+    lg = inp["logits"].float()
+    pick = torch.rand(lg.shape, generator=torch.Generator().manual_seed(3))
+    lg[pick < 0.01] = 0.0
+    lg[(pick >= 0.01) & (pick < 0.02)] *= 1e-3                       # below 2^-8
+    big = (pick >= 0.02) & (pick < 0.021)
+    lg[big] = 300.0 + 100 * pick[big]                                  # 2^8 and above
+    lg[(pick >= 0.021) & (pick < 0.022)] = -float("inf")
+    lg[0, 0] = -float("inf")                                           # one finite column in this row
+    lg[0, 0, 5] = 1.0
+    inp["logits"] = lg.to(torch.bfloat16)
+    got = call_step(cuda_ops, inp, "cuda")
+    exp = call_step(cuda_ops, inp, "cpu")
+    assert_same_step(got, exp, torch.bfloat16, inp)
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_evo_step_ties_match_cpu(cuda_ops, monkeypatch, shape):
     """Integer logits (ties in top-k and argmax) and identical rows (ties in q)."""
@@ -224,10 +252,10 @@ def test_evo_step_sampling_shape_independent(cuda_ops, monkeypatch, exclude_mask
 def test_evo_step_sampling_distribution(cuda_ops, monkeypatch):
     """x0 ~ softmax(l / T): every row eligible and transferred, so x holds the samples."""
     monkeypatch.delenv(SPLITS_ENV, raising=False)
-    V, R, T = 6, 20000, 0.7
-    row = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -3.0])
+    V, R, T = 7, 20000, 0.7
+    row = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -3.0, 0.0])
     logits = row.expand(1, R, V).contiguous()
-    M = 100  # outside the vocabulary: nothing excluded
+    M = V - 1  # the mask column is excluded from sampling: x0 ~ softmax over the first 6
     x = torch.full((1, R), M, dtype=torch.long, device="cuda")
     conf = torch.zeros(1, R, dtype=torch.float64, device="cuda")
 
@@ -238,8 +266,8 @@ def test_evo_step_sampling_distribution(cuda_ops, monkeypatch):
                                   0, M, 2, 0.7, T, False, 0.0, False, True, 5)
     assert int(out[3].cpu()) == -1
     assert bool(out[2].all())
-    counts = torch.bincount(x.cpu()[0], minlength=V).double()
-    p = torch.softmax(row.double() / T, 0)
+    counts = torch.bincount(x.cpu()[0], minlength=V).double()[:M]
+    p = torch.softmax(row[:M].double() / T, 0)
     sd = torch.sqrt(R * p * (1 - p))
     assert ((counts - R * p).abs() < 5 * sd).all(), (counts, R * p)
 

@@ -75,6 +75,11 @@ int forced_splits() {
   return v > 0 ? static_cast<int>(v < 1024 ? v : 1024) : 0;
 }
 
+bool env_flag(const char* name) {
+  const char* s = std::getenv(name);
+  return s != nullptr && *s != '\0' && *s != '0';
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
     const at::Tensor& logits, at::Tensor& x, at::Tensor& conf, const at::Tensor& num_transfer,
     const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
@@ -157,6 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
   a.transfer = transfer.data_ptr<bool>();
   a.status = status.data_ptr<int64_t>();
   a.splits = splits;
+  a.value_histogram = env_flag("EVOFAST_CUDA_HIST");
   C10_CUDA_CHECK(ec::evo_step_launch(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream));
   return {ids, w, transfer, status};
 }

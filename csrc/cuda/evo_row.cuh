@@ -107,11 +107,67 @@ __device__ __forceinline__ void combine_ms(float& m, double& s, float m2, double
   s = t1 + t2;
 }
 
+// 2^(j/16), j = 0..15, correctly rounded (the table of exp_nonpos).
+__constant__ double kExp2Sixteenths[16] = {
+    0x1.0000000000000p+0, 0x1.0b5586cf9890fp+0, 0x1.172b83c7d517bp+0, 0x1.2387a6e756238p+0,
+    0x1.306fe0a31b715p+0, 0x1.3dea64c123422p+0, 0x1.4bfdad5362a27p+0, 0x1.5ab07dd485429p+0,
+    0x1.6a09e667f3bcdp+0, 0x1.7a11473eb0187p+0, 0x1.8ace5422aa0dbp+0, 0x1.9c49182a3f090p+0,
+    0x1.ae89f995ad3adp+0, 0x1.c199bdd85529cp+0, 0x1.d5818dcfba487p+0, 0x1.ea4afa2a490dap+0};
+
+// exp(x) in float64 for x <= 0, within about 2 ulp: the per-column exp of the
+// row pass, which libdevice's general exp made compute-bound (float64 is the
+// one expensive unit here). x = (16 n + j) ln2/16 + r with |r| <= ln2/32, so
+// exp(x) = 2^n * 2^(j/16) * e^r: a two-constant reduction, a degree-7 Taylor
+// polynomial (truncation < 2e-18), a table in shared memory (16 doubles fill
+// the 32 banks once: conflict-free) and an exponent add. -inf, NaN and results
+// near the subnormal range take libdevice's exp.
+__device__ __forceinline__ double exp_nonpos(double x, const double* __restrict__ tab) {
+  if (!(x >= -708.0)) return exp(x);
+  constexpr double kMagic = 0x1.8p52;                  // round-to-integer by addition
+  const double t = fma(x, 0x1.71547652b82fep+4, kMagic);  // x * 16 / ln2
+  const int k = __double2loint(t);
+  const double kd = t - kMagic;
+  double r = fma(kd, -0x1.62e42fefa0000p-5, x);      // ln2/16, high 38 bits: k * hi is exact
+  r = fma(kd, -0x1.cf79abc9e3b3ap-44, r);            // ln2/16, the rest
+  double e = fma(r, 0x1.a01a01a01a01ap-13, 0x1.6c16c16c16c17p-10);
+  e = fma(e, r, 0x1.1111111111111p-7);
+  e = fma(e, r, 0x1.5555555555555p-5);
+  e = fma(e, r, 0x1.5555555555555p-3);
+  e = fma(e, r, 0x1.0000000000000p-1);
+  e = fma(e, r, 1.0);
+  e = fma(e, r, 1.0);
+  const double v = tab[k & 15] * e;                   // in [0.97, 2.05]: normal
+  return __longlong_as_double(__double_as_longlong(v) + (static_cast<long long>(k >> 4) << 52));
+}
+
 struct RowCtx {
   int skip_col;   // !SAMPLE: column read as -inf; SAMPLE: column the argmax skips; -1: none
   double temp;    // temperature (SAMPLE)
   uint64_t key;   // RNG key of the row (SAMPLE)
+  const double* exp_tab;  // kExp2Sixteenths in shared memory
+  unsigned* hist;         // HIST: the block's value histogram (shared memory)
 };
+
+// The value histogram (HIST): bf16 values with 2^-8 <= |v| < 2^8, one bin per
+// bit pattern (sign, 16 binades, 7 mantissa bits: 4096 bins, 16 KB of shared
+// memory). Logits outside that range, -inf and NaN take the per-column exp.
+constexpr int kHistLoExp = 127 - 8;
+constexpr int kHistBins = 2 * 16 * 128;
+
+// Bin of a float that came from a bf16 (its low 16 bits are zero), or -1.
+__device__ __forceinline__ int hist_bin(float v) {
+  const unsigned u = __float_as_uint(v);
+  const unsigned e = ((u >> 23) & 0xffu) - static_cast<unsigned>(kHistLoExp);
+  return e < 16u ? static_cast<int>(((u >> 31) << 11) | (e << 7) | ((u >> 16) & 0x7fu)) : -1;
+}
+
+// The value of bin j.
+__device__ __forceinline__ float hist_value(int j) {
+  const unsigned u = (static_cast<unsigned>(j >> 11) << 31) |
+                     ((static_cast<unsigned>((j >> 7) & 15) + kHistLoExp) << 23) |
+                     (static_cast<unsigned>(j & 0x7f) << 16);
+  return __uint_as_float(u);
+}
 
 __device__ __forceinline__ double gumbel(uint64_t key, int col) {
   const double u = rng_unit(rng_bits(key, col));
@@ -119,16 +175,25 @@ __device__ __forceinline__ double gumbel(uint64_t key, int col) {
 }
 
 // Folds N consecutive columns base..base+N-1 (values f, already float) into a.
-template <int N, int K, bool SAMPLE>
+template <int N, int K, bool SAMPLE, bool HIST>
 __device__ __forceinline__ void consume(RowAcc<K, SAMPLE>& a, float (&f)[N], int base,
                                         const RowCtx& c) {
+  if (!SAMPLE && static_cast<unsigned>(c.skip_col - base) < static_cast<unsigned>(N)) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {  // static indices: f stays in registers
+      if (base + e == c.skip_col) f[e] = -INFINITY;
+    }
+  }
   float vmax = -INFINITY;
 #pragma unroll
-  for (int e = 0; e < N; ++e) {
-    const int col = base + e;
-    if (!SAMPLE && col == c.skip_col) f[e] = -INFINITY;
-    if (a.top.admits(f[e], col)) a.top.insert(f[e], col);
-    vmax = f[e] > vmax ? f[e] : vmax;  // NaN never becomes the max; it reaches s below
+  for (int e = 0; e < N; ++e) vmax = f[e] > vmax ? f[e] : vmax;  // NaN never becomes the max; it reaches s below
+  // The top-k changes only when the group's best reaches its last entry (ties
+  // too: the index decides), which soon becomes rare: test the group once.
+  if (vmax >= a.top.v[K - 1]) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      if (a.top.admits(f[e], base + e)) a.top.insert(f[e], base + e);
+    }
   }
   if (vmax > a.m) {
     a.s *= exp(static_cast<double>(a.m) - static_cast<double>(vmax));
@@ -136,8 +201,24 @@ __device__ __forceinline__ void consume(RowAcc<K, SAMPLE>& a, float (&f)[N], int
   }
   const double m = static_cast<double>(a.m);
   double t = 0.0;
+  if (HIST) {
+    // a.s holds the columns outside the histogram only; the bins are added
+    // against the block's max once the block has seen all its columns.
 #pragma unroll
-  for (int e = 0; e < N; ++e) t += (f[e] == -INFINITY) ? 0.0 : exp(static_cast<double>(f[e]) - m);
+    for (int e = 0; e < N; ++e) {
+      const int bin = hist_bin(f[e]);
+      if (bin >= 0) {
+        atomicAdd(c.hist + bin, 1u);
+      } else if (f[e] != -INFINITY) {  // -inf adds nothing (and m may be -inf: -inf - -inf is NaN)
+        t += exp_nonpos(static_cast<double>(f[e]) - m, c.exp_tab);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      t += (f[e] == -INFINITY) ? 0.0 : exp_nonpos(static_cast<double>(f[e]) - m, c.exp_tab);
+    }
+  }
   a.s += t;
   if (SAMPLE) {
 #pragma unroll
@@ -168,7 +249,7 @@ __device__ __forceinline__ void load_group(const T* __restrict__ p, float (&f)[N
 }
 
 // Groups g = tid, tid + nt, ... of N columns each (two loads in flight).
-template <typename T, int K, bool SAMPLE, bool VEC>
+template <typename T, int K, bool SAMPLE, bool HIST, bool VEC>
 __device__ __forceinline__ void scan_groups(RowAcc<K, SAMPLE>& a, const T* __restrict__ p, int c0,
                                             int ngroups, const RowCtx& c) {
   constexpr int N = VecWidth<T>::value;
@@ -178,13 +259,13 @@ __device__ __forceinline__ void scan_groups(RowAcc<K, SAMPLE>& a, const T* __res
     float f0[N], f1[N];
     load_group<T, N, VEC>(p + g * N, f0);
     load_group<T, N, VEC>(p + (g + nt) * N, f1);
-    consume<N>(a, f0, c0 + g * N, c);
-    consume<N>(a, f1, c0 + (g + nt) * N, c);
+    consume<N, K, SAMPLE, HIST>(a, f0, c0 + g * N, c);
+    consume<N, K, SAMPLE, HIST>(a, f1, c0 + (g + nt) * N, c);
   }
   if (g < ngroups) {
     float f0[N];
     load_group<T, N, VEC>(p + g * N, f0);
-    consume<N>(a, f0, c0 + g * N, c);
+    consume<N, K, SAMPLE, HIST>(a, f0, c0 + g * N, c);
   }
 }
 
@@ -193,7 +274,7 @@ __device__ __forceinline__ void scan_groups(RowAcc<K, SAMPLE>& a, const T* __res
 // scalar tail done by thread 0. Which thread sees which column, and in which
 // order, does not depend on the row's alignment, so identical rows give
 // bit-identical results. A thread sees its columns in increasing order.
-template <typename T, int K, bool SAMPLE>
+template <typename T, int K, bool SAMPLE, bool HIST>
 __device__ __forceinline__ void scan_range(RowAcc<K, SAMPLE>& a, const T* __restrict__ row, int c0,
                                            int c1, const RowCtx& c) {
   constexpr int N = VecWidth<T>::value;
@@ -202,14 +283,14 @@ __device__ __forceinline__ void scan_range(RowAcc<K, SAMPLE>& a, const T* __rest
   if (len <= 0) return;
   const int ngroups = len / N;
   if (is_aligned16(p)) {
-    scan_groups<T, K, SAMPLE, true>(a, p, c0, ngroups, c);
+    scan_groups<T, K, SAMPLE, HIST, true>(a, p, c0, ngroups, c);
   } else {
-    scan_groups<T, K, SAMPLE, false>(a, p, c0, ngroups, c);
+    scan_groups<T, K, SAMPLE, HIST, false>(a, p, c0, ngroups, c);
   }
   if (threadIdx.x == 0) {
     for (int col = ngroups * N; col < len; ++col) {
       float f[1] = {to_float(p[col])};
-      consume<1>(a, f, c0 + col, c);
+      consume<1, K, SAMPLE, HIST>(a, f, c0 + col, c);
     }
   }
 }
@@ -366,7 +447,36 @@ __device__ __forceinline__ void finalize_row(const RowParams& p, int64_t row, in
   }
 }
 
-template <typename T, int K, bool SAMPLE>
+// Adds the histogram's bins to every thread's (m, s), against the block's max
+// (HIST; all threads call it after their scan).
+template <int K, bool SAMPLE>
+__device__ __forceinline__ void add_histogram(RowAcc<K, SAMPLE>& a, const unsigned* hist,
+                                              const double* tab) {
+  __shared__ float sh_max[kRowWarps];
+  float m = a.m;
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(kFullMask, m, o);
+    m = m2 > m ? m2 : m;
+  }
+  if (lane_id() == 0) sh_max[warp_id()] = m;
+  __syncthreads();  // also: every histogram count is in
+  m = sh_max[0];
+#pragma unroll
+  for (int w = 1; w < kRowWarps; ++w) m = sh_max[w] > m ? sh_max[w] : m;
+  if (m == -INFINITY) return;  // no finite column (the bins are empty too)
+  if (a.s != 0.0) a.s *= exp(static_cast<double>(a.m) - static_cast<double>(m));
+  a.m = m;
+  const double md = static_cast<double>(m);
+  double t = 0.0;
+  for (int j = static_cast<int>(threadIdx.x); j < kHistBins; j += kRowThreads) {
+    const unsigned n = hist[j];
+    if (n != 0u) t += static_cast<double>(n) * exp_nonpos(static_cast<double>(hist_value(j)) - md, tab);
+  }
+  a.s += t;
+}
+
+template <typename T, int K, bool SAMPLE, bool HIST>
 __global__ void __launch_bounds__(kRowThreads) evo_row_kernel(const RowParams p) {
   const int64_t row = blockIdx.x;
   const int split = static_cast<int>(blockIdx.y);
@@ -376,13 +486,23 @@ __global__ void __launch_bounds__(kRowThreads) evo_row_kernel(const RowParams p)
   const T* rp = static_cast<const T*>(p.logits) + b * p.stride_b + r * p.stride_r;
   const int64_t c0 = static_cast<int64_t>(split) * p.chunk;
   const int64_t c1 = c0 + p.chunk < p.V ? c0 + p.chunk : p.V;
+  __shared__ double exp_tab[16];
+  __shared__ unsigned hist[HIST ? kHistBins : 1];
+  if (threadIdx.x < 16) exp_tab[threadIdx.x] = kExp2Sixteenths[threadIdx.x];
+  if (HIST) {
+    for (int j = static_cast<int>(threadIdx.x); j < kHistBins; j += kRowThreads) hist[j] = 0u;
+  }
+  __syncthreads();
   RowCtx c;
+  c.exp_tab = exp_tab;
+  c.hist = hist;
   c.skip_col = p.skip_col;
   c.temp = p.temp;
   c.key = SAMPLE ? rng_key(p.seed, kStreamGumbel, b, pos) : 0;
   RowAcc<K, SAMPLE> a;
   a.init();
-  scan_range<T, K, SAMPLE>(a, rp, static_cast<int>(c0), static_cast<int>(c1), c);
+  scan_range<T, K, SAMPLE, HIST>(a, rp, static_cast<int>(c0), static_cast<int>(c1), c);
+  if (HIST) add_histogram(a, hist, exp_tab);
   float myv;
   int myi;
   block_reduce_row(a, p.rounds, myv, myi);

@@ -3,6 +3,8 @@
 #include "evo_seq.cuh"
 #include "evofast_cuda.h"
 
+#include <type_traits>
+
 namespace evofast {
 namespace cuda {
 
@@ -56,9 +58,13 @@ Layout layout(int64_t B, int64_t R, int k, int splits) {
 }
 
 template <typename T, int K, bool SAMPLE>
-cudaError_t launch_rows(const detail::RowParams& rp, int64_t rows, cudaStream_t stream) {
+cudaError_t launch_rows(const detail::RowParams& rp, int64_t rows, bool hist, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(rp.splits));
-  detail::evo_row_kernel<T, K, SAMPLE><<<grid, detail::kRowThreads, 0, stream>>>(rp);
+  if (hist) {
+    detail::evo_row_kernel<T, K, SAMPLE, true><<<grid, detail::kRowThreads, 0, stream>>>(rp);
+  } else {
+    detail::evo_row_kernel<T, K, SAMPLE, false><<<grid, detail::kRowThreads, 0, stream>>>(rp);
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || rp.splits == 1) return err;
   const unsigned mgrid = static_cast<unsigned>(ceil_div(rows, detail::kMergeWarps));
@@ -70,11 +76,15 @@ template <typename T>
 cudaError_t launch_typed(const EvoStepArgs& a, const detail::RowParams& rp,
                          const detail::SeqParams& sp, int64_t rows, cudaStream_t stream) {
   const bool sample = a.temperature > 0.0;
+  // the value histogram: bf16 only (its bins are bf16 bit patterns), greedy only
+  const bool hist = a.value_histogram && !sample && std::is_same<T, __nv_bfloat16>::value;
   cudaError_t err;
   if (a.k_soft <= 4) {
-    err = sample ? launch_rows<T, 4, true>(rp, rows, stream) : launch_rows<T, 4, false>(rp, rows, stream);
+    err = sample ? launch_rows<T, 4, true>(rp, rows, false, stream)
+                 : launch_rows<T, 4, false>(rp, rows, hist, stream);
   } else {
-    err = sample ? launch_rows<T, 16, true>(rp, rows, stream) : launch_rows<T, 16, false>(rp, rows, stream);
+    err = sample ? launch_rows<T, 16, true>(rp, rows, false, stream)
+                 : launch_rows<T, 16, false>(rp, rows, hist, stream);
   }
   if (err != cudaSuccess) return err;
   detail::evo_seq_kernel<T><<<static_cast<unsigned>(a.B), detail::kSeqThreads, 0, stream>>>(sp);
