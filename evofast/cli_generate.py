@@ -50,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None, metavar="C",
                         help="confidence-threshold parallel decoding (default: the step schedule)")
     parser.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
-                        help="KV cache (not built yet: only none)")
+                        help="KV cache: none (default), prefix (prompt and finished blocks cached) or dual "
+                             "(the masked suffix too: only the current block is run)")
+    parser.add_argument("--cache-refresh", type=int, default=None, metavar="N",
+                        help="with a cache, also recompute the whole sequence every N steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the forward (CUDA graphs on GPU; falls back to eager)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (temperature > 0)")
     parser.add_argument("--trace", metavar="FILE.html", default=None,
                         help="write a self-contained HTML page of every decoding step")
@@ -183,7 +188,8 @@ def _run(args: argparse.Namespace) -> int:
             model, ids, am, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             mode=args.mode, k_soft=args.k_soft, alpha=args.alpha, temperature=args.temperature,
             remasking=args.remasking, threshold=args.threshold, cache=None if args.cache == "none" else args.cache,
-            generator=gen, progress=args.progress, return_trace=args.trace is not None)
+            cache_refresh=args.cache_refresh, compile=args.compile, generator=gen, progress=args.progress,
+            return_trace=args.trace is not None)
     except (ValueError, NotImplementedError) as e:
         return err(str(e))
     seconds = time.perf_counter() - t0
@@ -196,8 +202,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{i}] ", end="")
         print(text)
     n = out.shape[0] * args.gen_length
-    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s), mode {args.mode}, {device}, "
-          f"{str(dtype).replace('torch.', '')}", file=sys.stderr)
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s), mode {args.mode}, cache {args.cache}, "
+          f"{device}, {str(dtype).replace('torch.', '')}", file=sys.stderr)
     if trace is not None:
         from .trace import to_html
         path = Path(args.trace)

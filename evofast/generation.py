@@ -40,6 +40,32 @@ The loop of spec/evotoken.md section 2, driven by `evofast.ops.evo_step` and
   (`evo_step` with block_start = block_end, so no decoded row is after the frozen
   prefix) and plain token ids at every forward.
 
+KV cache (`cache="prefix"` / `"dual"`, `evofast.cache.BlockKVCache`, one per call,
+allocated before the first forward). A *refresh* forward runs the whole sequence
+from exactly the inputs the uncached loop would use (QUIRK 8 included: at a
+block's first step the previous block is still soft) and writes every position's
+keys and values; its step is the uncached step. Refreshes happen at the first
+step of every block of any row, when the set of rows still generating changes (the
+cache's slots follow the active rows), every `cache_refresh` forwards, and when a
+step's window reaches below the refreshed one. Between refreshes a forward runs
+only the window: "prefix" the rows [lo, L) (lo = the window start at the refresh:
+min(block start, first prompt mask)), "dual" the rows [lo, max block end); the
+other rows' keys and values are read from the cache as the refresh left them.
+The rows a forward computes are the only ones post-processed: with "dual" the
+suffix [block end, L) keeps, for the whole block, the keys/values and the soft
+representation of the block's first step. So a cache is approximate by design
+(the prefix entries came from the block's soft first-step inputs, the suffix's
+from masks the block has since decoded into), as for Fast-dLLM; it is exact in
+that a cached forward over inputs equal to the refresh's gives the uncached
+logits (fp32 rounding): `cache_refresh=1` gives `cache=None`'s tokens, and so
+does `cache="prefix"` with one block on a one-layer model (deeper layers' prompt
+keys attend to the changing generation).
+In hard mode the window forward applies the LM head to [row0, max block end) only.
+
+`compile=True` runs the forward through `torch.compile` (mode "reduce-overhead",
+i.e. CUDA graphs, on CUDA; the dual-cache window has one static shape); where
+compiling fails the call warns once and runs eagerly.
+
 A block normally ends within its s steps; when mask tokens in the prompt take
 part of a step's transfers (infilling), the schedule can run out first (the
 authors' code then fails with an IndexError): every further step transfers one
@@ -89,9 +115,6 @@ def _check_mode_args(mode, k_soft, alpha, temperature, remasking, threshold, cac
         _fail("mode", f"must be one of {MODES}, got {mode!r}")
     if cache not in CACHES:
         _fail("cache", f"must be one of {CACHES}, got {cache!r}")
-    if cache is not None:
-        raise NotImplementedError(
-            f"cache={cache!r}: evofast.generate has no KV cache yet (issue: KV cache); use cache=None")
     k_soft = _checks.integer("k_soft", k_soft, 1, 16)
     alpha = _checks.real("alpha", alpha, 0.0, 1.0, hi_open=True)
     temperature = _checks.real("temperature", temperature, 0.0)
@@ -163,8 +186,9 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              block_length: int = 32, steps: int = 64, mode: str = "evotoken", k_soft: int = 3,
              alpha: float = 0.7, temperature: float = 0.0, remasking: str = "low_confidence",
              threshold: Optional[float] = None, cache: Optional[str] = None,
-             generator: Optional[torch.Generator] = None, *, progress: bool = False,
-             return_trace: bool = False, backend: Optional[str] = None):
+             generator: Optional[torch.Generator] = None, *, cache_refresh: Optional[int] = None,
+             compile: bool = False, progress: bool = False, return_trace: bool = False,
+             backend: Optional[str] = None):
     """Generate `gen_length` tokens after each prompt with EvoToken ("evotoken") or hard-mask ("hard") decoding.
 
     Args:
@@ -179,7 +203,12 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         k_soft (1..16), alpha ([0, 1), the mask weight), temperature (>= 0, Gumbel-max in
         float64), remasking ("low_confidence" | "random"), threshold (confidence-threshold
         parallel decoding; None: the step schedule), generator (draws when sampling): spec 2.2.
-        cache: None (a KV cache is not built yet: "prefix" / "dual" raise NotImplementedError).
+        cache: None (every forward runs the whole sequence), "prefix" (the prompt and finished
+            blocks come from a KV cache) or "dual" (the suffix too; only the current block is
+            run); see the module docstring. The adapter must list it in `cache_kinds`.
+        cache_refresh: with a cache, also recompute the whole sequence every this many forwards
+            (None: only at block starts).
+        compile: run the forward through `torch.compile` (falls back to eager with a warning).
         progress: a tqdm bar over the forwards (steps).
         return_trace: also return an `evofast.trace.Trace` of every step.
         backend: force an ops backend ("torch", "cpp", "triton", "cuda") for evo_step / soft_embed.
@@ -197,6 +226,16 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         mode, k_soft, alpha, temperature, remasking, threshold, cache, generator)
     gen_length, block_length, steps, blocks = _check_lengths(gen_length, block_length, steps)
     adapter = _get_adapter(model)
+    if cache is not None and cache not in adapter.cache_kinds:
+        have = ", ".join(map(repr, adapter.cache_kinds)) or "no KV cache"
+        _fail("cache", f"cache={cache!r} is not available for {type(adapter.model).__name__} "
+                       f"(evofast's {adapter.name} adapter supports {have}); use cache=None")
+    if cache_refresh is not None:
+        if cache is None:
+            _fail("cache_refresh", "needs a cache ('prefix' or 'dual'); got cache=None")
+        cache_refresh = _positive_int("cache_refresh", cache_refresh)
+    if not isinstance(compile, bool):
+        _fail("compile", f"expected a bool, got {compile!r}")
     E = adapter.input_embeddings().weight
     device = E.device
     V = int(adapter.vocab_size)
@@ -235,11 +274,11 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         full_mask = position_ids = None
     conf = torch.zeros(B, L, dtype=torch.float64, device=device)
     prompt_masks = (x[:, :P] == M) & real
-    first_pm = [P] * B                                           # first mask left in each prompt
+    first_pm = [L] * B                                           # first mask left in each prompt (L: none)
     if bool(prompt_masks.any()):
         has = prompt_masks.any(dim=1).tolist()
         idx = prompt_masks.to(torch.int8).argmax(dim=1).tolist()
-        first_pm = [i if h else P for i, h in zip(idx, has)]
+        first_pm = [i if h else L for i, h in zip(idx, has)]
     track_prompt_masks = any(f < P for f in first_pm)
 
     blk = [0] * B                                                # current block per row (blocks = done)
@@ -260,6 +299,11 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         bar = tqdm(total=steps, desc="evofast generate", unit="step")
 
     pos = torch.arange(L, device=device)
+    kv = adapter.new_cache(B, L) if cache is not None else None
+    fwd = _Forward(adapter, compile, cache, kv)
+    kv_rows = None                                               # the rows whose slots the cache holds
+    lo = L                                                       # window start at the last refresh
+    since = 0                                                    # forwards since the last refresh
     forward_index = 0
     try:
         while True:
@@ -281,20 +325,40 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
             kw = {}
             if full_mask is not None:
                 kw = dict(attention_mask=rows_of(full_mask), position_ids=rows_of(position_ids))
-            if soft_from >= L:
-                logits = adapter.forward(input_ids=xs, logits_from=row0, **kw)
-            else:
-                plain = F.embedding(xs[:, :soft_from], E)
-                mixed = _soft_embed(E, rows_of(rep_ids[:, soft_from:]), rows_of(rep_w[:, soft_from:]),
+
+            def inputs(a, b):
+                """Model inputs of rows [a, b): plain E[x] below soft_from, soft tokens from it."""
+                if soft_from >= b:
+                    return dict(input_ids=xs[:, a:b])
+                cut = max(a, soft_from)
+                mixed = _soft_embed(E, rows_of(rep_ids[:, cut:b]), rows_of(rep_w[:, cut:b]),
                                     backend=backend, check_ids=False)
-                logits = adapter.forward(inputs_embeds=torch.cat([plain, mixed.to(plain.dtype)], dim=1),
-                                         logits_from=row0, **kw)
-            if logits.shape[1] != L - row0:
-                raise RuntimeError(f"the adapter returned logits for {logits.shape[1]} rows, expected {L - row0} "
-                                   f"(rows [{row0}, {L}))")
+                if cut == a:
+                    return dict(inputs_embeds=mixed.to(E.dtype))
+                plain = F.embedding(xs[:, a:cut], E)
+                return dict(inputs_embeds=torch.cat([plain, mixed.to(plain.dtype)], dim=1))
+
+            if kv is None:
+                logits = fwd(**inputs(0, L), logits_from=row0, **kw)
+                want = L
+            else:
+                refresh = (kv_rows != act or row0 < lo or any(step_in_block[r] == 0 for r in act)
+                           or (cache_refresh is not None and since >= cache_refresh))
+                if refresh:                                      # the whole sequence, as uncached
+                    lo, kv_rows, since = row0, list(act), 0
+                    a, b, want = 0, L, end
+                else:                                            # the window only, the rest from the cache
+                    a, b = max(0, lo - adapter.cache_lead), (L if cache == "prefix" else max(be))
+                    want = min(b, end)
+                logits = fwd(**inputs(a, b), cache=kv, start=a, logits_from=row0, logits_to=want, **kw)
+                kv.mark(a, b, forward_index)
+                since += 1
+            if logits.shape[1] != want - row0:
+                raise RuntimeError(f"the adapter returned logits for {logits.shape[1]} rows, expected {want - row0} "
+                                   f"(rows [{row0}, {want}))")
             if logits.dtype == torch.float64:
                 logits = logits.float()
-            lg = logits if end == L else logits[:, :end - row0]
+            lg = logits if want <= end else logits[:, :end - row0]
 
             # ---- one step (spec 2.2 items 2-7) on those rows
             nt = [schedule[step_in_block[r]] if step_in_block[r] < s else 1 for r in act]
@@ -315,14 +379,15 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                     rep_ids[..., k_soft] = x
                     rep_w = torch.zeros(B, L, k_soft + 1, dtype=w.dtype, device=device)
                     rep_w[..., k_soft] = 1
+                hi = row0 + ids.shape[1]                         # < L: a dual-cache step (suffix kept)
                 if sel is None:
-                    rep_ids[:, row0:] = ids
-                    rep_w[:, row0:] = w
+                    rep_ids[:, row0:hi] = ids
+                    rep_w[:, row0:hi] = w
                     if soft_from < row0:                         # below the window: [Decode]
                         rep_w[:, soft_from:row0] = _one_hot_last(k_soft, w.dtype, device)
                 else:
-                    rep_ids[sel, row0:] = ids
-                    rep_w[sel, row0:] = w
+                    rep_ids[sel, row0:hi] = ids
+                    rep_w[sel, row0:hi] = w
                     if soft_from < row0:
                         rep_w[sel, soft_from:row0] = _one_hot_last(k_soft, w.dtype, device)
                 soft_from = row0
@@ -335,13 +400,14 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                 stats = ((xs == M) & (pos >= bs_t) & (pos < bs_t + block_length)).sum(dim=1)
             if track_prompt_masks:
                 pm = (xs[:, :P] == M) & rows_of(real)
-                first = torch.where(pm.any(dim=1), pm.to(torch.int8).argmax(dim=1), P)
+                first = torch.where(pm.any(dim=1), pm.to(torch.int8).argmax(dim=1), L)
                 stats = torch.stack([stats, first])
             stats = stats.tolist()
             left = stats[0] if track_prompt_masks else stats
             if trace is not None:
                 _record(trace, forward_index, act, [blk[r] if blk[r] < blocks else -1 for r in range(B)],
-                        (row0, end), x, conf, rep_ids if soft else None, rep_w if soft else None, M, k_soft,
+                        (row0, row0 + lg.shape[1]), x, conf, rep_ids if soft else None,
+                        rep_w if soft else None, M, k_soft,
                         lg=lg, temperature=temperature)
             for j, r in enumerate(act):
                 step_in_block[r] += 1
@@ -365,6 +431,43 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     if am is not None:
         out[:, :P] = torch.where(real, out[:, :P], input_ids)   # pads as given (prompt masks stay filled)
     return (out, trace) if return_trace else out
+
+
+class _Forward:
+    """The adapter's forward (`forward`, or `forward_cached` with a cache), through
+    `torch.compile` when asked; a compile failure warns once and runs eagerly from then on."""
+
+    #: graphs per call: a prefix / dual window starts at every block (ints are specialised)
+    RECOMPILE_LIMIT = 256
+
+    def __init__(self, adapter, compile: bool, cache: Optional[str], kv=None):
+        self.eager = adapter.forward if cache is None else adapter.forward_cached
+        self.compiled = None
+        if compile:
+            try:
+                on_cuda = adapter.input_embeddings().weight.is_cuda
+                if on_cuda and kv is not None:                   # CUDA graphs may then write them in place
+                    for t in kv.keys + kv.values:
+                        torch._dynamo.mark_static_address(t)
+                self.compiled = torch.compile(self.eager, mode="reduce-overhead" if on_cuda else None,
+                                              dynamic=False if cache == "dual" else None)
+            except Exception as e:                               # noqa: BLE001 (any failure: eager)
+                self._fall_back(e)
+
+    def _fall_back(self, err):
+        import warnings
+        warnings.warn(f"evofast.generate(compile=True): torch.compile is unavailable here "
+                      f"({type(err).__name__}: {err}); running eagerly", RuntimeWarning, stacklevel=3)
+        self.compiled = None
+
+    def __call__(self, **kw):
+        if self.compiled is not None:
+            try:
+                with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+                    return self.compiled(**kw)
+            except Exception as e:                               # noqa: BLE001
+                self._fall_back(e)
+        return self.eager(**kw)
 
 
 def _per_row(values, device):

@@ -77,7 +77,7 @@ def test_batch_of_prompts_and_hard_mode(capsys):
 
 @pytest.mark.parametrize("args,what", [
     (("--gen-length", "10", "--block-length", "4"), "gen_length"),
-    (("--cache", "prefix"), "KV cache"),
+    (("--cache", "prefix", "--cache-refresh", "0"), "cache_refresh"),
     (("--alpha", "1.5"), "alpha"),
 ])
 def test_bad_arguments_are_reported(capsys, args, what):
@@ -176,7 +176,8 @@ def test_bench_generate_tiny(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         assert bench.main(["--shape", "tiny", "--device", "cpu", "--repeat", "1", "--batch", "1", "2",
-                           "--backends", "authors", "cpp", "torch", "--threads", "1", "--json", str(out)]) == 0
+                           "--backends", "authors", "cpp", "torch", "--caches", "none", "--threads", "1",
+                           "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out

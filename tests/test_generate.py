@@ -240,6 +240,9 @@ BAD = [
     (dict(gen_length=4096, block_length=4096, steps=8), "maximum length"),
     (dict(generator=0), "generator"),
     (dict(cache="kv"), "cache"),
+    (dict(cache="prefix", cache_refresh=0), "cache_refresh"),
+    (dict(cache_refresh=2), "cache_refresh"),
+    (dict(compile="yes"), "compile"),
 ]
 
 
@@ -278,12 +281,6 @@ def test_mask_id_outside_vocabulary():
     with pytest.raises(ValueError, match="mask"):
         generate(m, torch.tensor([[1, 2]]), **GOOD)
     assert not calls
-
-
-def test_cache_is_not_built_yet(model, forwards):
-    with pytest.raises(NotImplementedError, match="KV cache"):
-        generate(model, torch.tensor([[1, 2, 3]]), cache="prefix", **GOOD)
-    assert not forwards
 
 
 # --------------------------------------------------------------------------- trace and progress
@@ -384,3 +381,40 @@ def test_trace_html_rows_and_tokenizer(model):
         to_html(trace, rows=[2])
     named = to_html(trace, CharTokenizer())                     # ids the tokenizer lacks fall back cleanly
     assert "trace-data" in named
+
+
+# --------------------------------------------------------------------------- the benchmark with caches
+def test_bench_generate_caches_json_and_plot(tmp_path, capsys):
+    """`evofast bench generate` over modes x caches at the tiny shape: rows, JSON, plot; the 8B
+    path's meta-device build, here on the CPU at the tiny shape."""
+    import json
+
+    from evofast.bench import generate as bench
+    out, png = tmp_path / "g.json", tmp_path / "g.png"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--shape", "tiny", "--device", "cpu", "--repeat", "1", "--warmup", "1",
+                           "--batch-sizes", "2", "--backends", "authors", "cpp", "--modes", "hard", "evotoken",
+                           "--caches", "none", "dual", "--threads", "1", "--json", str(out),
+                           "--plot", str(png)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    for col in ("cache", "% evo_step", "peak MiB", "cache MiB", "vs none"):
+        assert col in text
+    rows = [r for r in json.loads(out.read_text())["rows"] if not r.get("skipped")]
+    assert {(r["mode"], r["provider"], r["cache"]) for r in rows} == {
+        (m, p, c) for m in ("hard", "evotoken") for p, c in (("authors", "none"), ("evofast-cpp", "none"),
+                                                              ("evofast-cpp", "dual"))}
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["forwards"] >= 16 and r["peak_mib"] is not None
+        if r["provider"] == "authors":
+            assert r["check"] == "reference"
+        elif r["cache"] == "none":
+            assert r["check"] == "ok" and r["cache_mib"] == 0 and 0 < r["evo_step_pct"] < 100
+        else:
+            assert r["check"].startswith("approx") and r["cache_mib"] > 0 and "vs_no_cache" in r
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = bench.build_model(bench.SHAPES["tiny"], torch.device("cpu"), torch.bfloat16, fast_init=True)
+    assert next(m.parameters()).dtype == torch.bfloat16
+    assert bool(torch.isfinite(m(input_ids=torch.tensor([[1, 2, 3]])).logits).all())

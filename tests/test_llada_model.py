@@ -339,3 +339,29 @@ def test_unsupported_layout_raises():
         LLaDAModelLM(LLaDAConfig(**small_llada_config(block_type="sequential")))
     with pytest.raises(ValueError, match="n_heads"):
         LLaDAModelLM(LLaDAConfig(**small_llada_config(d_model=50)))
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@torch.no_grad()
+def test_kv_cache_window_equals_full_forward(dtype, atol):
+    """LLaDAModel.forward with a BlockKVCache: after a full pass over the same inputs, a window
+    [start, start + n) gives the full forward's hidden states of those rows (grouped-query heads,
+    q/k norms, left padding with positions), and writes keys after RoPE at their absolute positions."""
+    from evofast.cache import BlockKVCache
+
+    m = llada.tiny(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, attention_layer_norm=True,
+                   seed=5, dtype=dtype)
+    body = m.model
+    B, L = 2, 11
+    ids = torch.randint(0, 97, (B, L), generator=torch.Generator().manual_seed(0))
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, :4] = 0
+    pos = (am.cumsum(1) - 1).clamp_min(0)
+    full, _ = body(input_ids=ids, attention_mask=am, position_ids=pos)
+    cache = BlockKVCache(2, B, 2, L, 8, dtype=dtype)
+    got, _ = body(input_ids=ids, attention_mask=am, position_ids=pos, kv_cache=cache)
+    torch.testing.assert_close(got, full, atol=0, rtol=0)
+    keys0 = cache.keys[0].clone()
+    win, _ = body(input_ids=ids[:, 5:9], attention_mask=am, position_ids=pos, kv_cache=cache, cache_start=5)
+    torch.testing.assert_close(win.float(), full[:, 5:9].float(), atol=atol, rtol=0)
+    torch.testing.assert_close(cache.keys[0].float(), keys0.float(), atol=atol, rtol=0)

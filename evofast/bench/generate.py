@@ -1,31 +1,42 @@
-"""`evofast bench generate`: end-to-end EvoToken decoding, evofast.generate vs the authors' loop.
+"""`evofast bench generate`: end-to-end decoding, evofast.generate (with and without its KV cache) vs the authors' loop.
 
 What is timed: one whole generation (greedy, k_soft 3, alpha 0.7, low-confidence
 remasking, the step schedule) of B random prompts with evofast's LLaDA
-architecture and random weights:
+architecture and random weights, for every configuration
 
-  authors          the authors' `generate_soft_token` loop re-stated (batch 1, so one
-                   run per prompt): every forward computes all L rows' logits, the
-                   model's soft input is the spec formula over all L rows (inside the
-                   forward, as in their model code), and the step is
-                   `baselines.authors_step` (float64 softmax and top-k over all L rows).
-  evofast-<name>   `evofast.generate(..., backend=name)`: window rows only (logits_from),
-                   one fused `evo_step`, `soft_embed` for the soft rows.
+  mode      evotoken (soft tokens) | hard (plain masked diffusion)     --modes
+  cache     none | prefix | dual (evofast.generate(cache=...))         --caches
+  B         batch sizes                                                --batch-sizes
+  provider  authors          the authors' loop re-stated (batch 1, so one run per
+                             prompt; no cache): every forward computes all L rows'
+                             logits, the soft input is the spec formula over all L
+                             rows, the step is `baselines.authors_step` (float64
+                             softmax and top-k over all L rows).
+            evofast-<name>   `evofast.generate(..., backend=name)`.      --backends
 
-Per provider: the median (p20, p80) seconds of a generation, tokens/s = B x gen /
-median, ms/step = median / forwards, and the share of a step spent outside the
-model forward, from one more run whose forwards are bracketed by device
-synchronisations (not the timed runs). `check` compares evofast's tokens with the
-authors' loop row by row.
+Per configuration: the median (p20, p80) seconds of a generation, tokens/s = B x
+gen / median, ms/step = median / forwards, from one more (instrumented) run whose
+forwards and `evo_step` calls are bracketed by device synchronisations: the share
+of a step outside the model forward and the share inside `evo_step` (the EvoToken
+post-processing), the peak memory of that run (CUDA: `max_memory_allocated` above
+the model; CPU: the peak resident set above the start, sampled every 2 ms) and the
+KV cache's size. `check` compares tokens with the authors' loop (cache none); a
+cache is approximate by design, so cached rows give the share of tokens equal to
+the uncached evofast run instead. `--plot FILE.png` draws tokens/s by configuration.
 
 Shapes: tiny (V 1000, seconds), cpu (d_model 64, 2 layers, V 126464, prompt 64,
-gen 128, block 32, steps 64, B 1: issue 4's CPU target >= 3x), llada-8b (LLaDA-8B
-layer shapes, bf16, prompt 128, gen 256, block 32, steps 128, B 1 and 16; GPU).
+gen 128, block 32, steps 64, B 1: the CPU targets: evofast >= 3x the authors, prefix
+>= 2x no cache, dual more again), llada-8b (LLaDA-8B layer shapes, bf16 random
+weights built on the meta device then filled on the GPU, prompt 512, gen 256, block
+32, steps 256, B 1: prefix >= 3x and dual >= 5x the authors' loop, evo_step < 2% of a
+step).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -37,10 +48,13 @@ from ..ops import _backend
 from ..ops import backends as evofast_backends
 from . import _common
 
-HELP = "end-to-end generation: evofast.generate vs the authors' loop (tokens/s, ms/step, share outside the forward)"
+HELP = ("end-to-end generation: evofast.generate (cache none/prefix/dual) vs the authors' loop "
+        "(tokens/s, ms/step, evo_step share, peak memory, plot)")
 K_SOFT, ALPHA = 3, 0.7
 AUTHORS = "authors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("evotoken", "hard")
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclass(frozen=True)
@@ -71,38 +85,45 @@ class GenShape:
 SHAPES = {
     "tiny": GenShape("tiny", 1000, 32, 2, 4, None, 16, 32, 8, 16, (1, 2), 3, 2),
     "cpu": GenShape("cpu", 126464, 64, 2, 4, None, 64, 128, 32, 64, (1,), 3, 1),
-    "llada-8b": GenShape("llada-8b", 126464, 4096, 32, 32, 12288, 128, 256, 32, 128, (1, 16), 3, 1),
+    "llada-8b": GenShape("llada-8b", 126464, 4096, 32, 32, 12288, 512, 256, 32, 256, (1,), 3, 1),
 }
 
 
-def build_model(shape: GenShape, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A random-weight evofast LLaDA model of the shape, in eval mode, built on `device`."""
+def build_model(shape: GenShape, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                fast_init: Optional[bool] = None):
+    """A random-weight evofast LLaDA model of the shape, in eval mode, on `device`.
+
+    `fast_init` (default: off the CPU): the model is built on the meta device (no
+    memory, no init) and materialised on `device` in `dtype` with a cheap random init
+    there (normal, std 0.02; norms 1), so an 8B model takes seconds, not minutes.
+    Otherwise `llada.tiny` (LLaDA's own init)."""
     from ..models import llada
 
-    kw = dict(vocab_size=shape.vocab, d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads,
-              seed=seed)
-    if shape.mlp is not None:
-        kw["mlp_hidden_size"] = shape.mlp
-    if device.type == "cpu":
+    if not (device.type != "cpu" if fast_init is None else fast_init):
+        kw = dict(vocab_size=shape.vocab, d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads,
+                  seed=seed)
+        if shape.mlp is not None:
+            kw["mlp_hidden_size"] = shape.mlp
         return llada.tiny(dtype=dtype, **kw)
-    # large models: initialise directly on the device, in the target dtype
-    cfg = dict(vocab_size=shape.vocab, embedding_size=shape.vocab, d_model=shape.d_model, n_layers=shape.n_layers,
-               n_heads=shape.n_heads, n_kv_heads=shape.n_heads, mlp_hidden_size=shape.mlp or 3 * shape.d_model,
-               mask_token_id=shape.mask_id)
-    old = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            model = llada.LLaDAModelLM(llada.LLaDAConfig(**cfg))
-    finally:
-        torch.set_default_dtype(old)
-    return model.to(dtype).eval()
+    cfg = llada.LLaDAConfig(vocab_size=shape.vocab, embedding_size=shape.vocab, d_model=shape.d_model,
+                            n_layers=shape.n_layers, n_heads=shape.n_heads, n_kv_heads=shape.n_heads,
+                            mlp_hidden_size=shape.mlp or 3 * shape.d_model, mask_token_id=shape.mask_id)
+    with torch.device("meta"):
+        model = llada.LLaDAModelLM(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or ".ln_f." in name or name.endswith("ln_f.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
 
 
-# --------------------------------------------------------------------------- forward timing
-class ForwardTimer:
-    """Seconds spent inside model forwards, each bracketed by device synchronisations."""
+# --------------------------------------------------------------------------- instrumentation
+class SyncTimer:
+    """Seconds spent inside the wrapped calls, each bracketed by device synchronisations."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -119,15 +140,20 @@ class ForwardTimer:
         return out
 
 
-def timed_adapter(adapter, timer: ForwardTimer):
-    """An Adapter that forwards to `adapter` and times its forward (evofast.generate accepts adapters)."""
+ForwardTimer = SyncTimer  # the name the authors' loop timer had
+
+
+def timed_adapter(adapter, timer: SyncTimer):
+    """An Adapter that forwards to `adapter` and times its forwards (evofast.generate accepts adapters)."""
     from ..models.base import Adapter
 
     class _Timed(Adapter):
-        name = f"timed-{adapter.name}"
+        name = adapter.name
+        cache_kinds = adapter.cache_kinds
 
         def __init__(self):
             self.model, self.mask_id = adapter.model, adapter.mask_id
+            self.cache_lead = adapter.cache_lead
 
         def input_embeddings(self):
             return adapter.input_embeddings()
@@ -140,10 +166,83 @@ def timed_adapter(adapter, timer: ForwardTimer):
         def max_length(self):
             return adapter.max_length
 
+        def cache_layout(self):
+            return adapter.cache_layout()
+
         def forward(self, **kw):
             return timer(adapter.forward, **kw)
 
+        def forward_cached(self, **kw):
+            return timer(adapter.forward_cached, **kw)
+
     return _Timed()
+
+
+class timed_evo_step:
+    """Context manager: `evofast.generate`'s evo_step calls go through `timer`."""
+
+    def __init__(self, timer: SyncTimer):
+        self.timer = timer
+
+    def __enter__(self):
+        from .. import generation
+        self.orig = generation._evo_step
+        generation._evo_step = lambda *a, **k: self.timer(self.orig, *a, **k)
+        return self.timer
+
+    def __exit__(self, *exc):
+        from .. import generation
+        generation._evo_step = self.orig
+
+
+class PeakMemory:
+    """Peak memory of a region in MiB above its start: CUDA `max_memory_allocated`; CPU the
+    resident set size, sampled every 2 ms by a thread (/proc/self/statm, else psutil)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib: Optional[float] = None
+
+    @staticmethod
+    def _rss() -> Optional[int]:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            try:
+                import psutil
+                return psutil.Process().memory_info().rss
+            except Exception:                                 # noqa: BLE001
+                return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.start = _common.reset_peak_memory(self.device)
+            return self
+        self.start = self._rss()
+        self.peak = self.start
+        self.stop = threading.Event()
+
+        def sample():
+            while not self.stop.wait(0.002):
+                r = self._rss()
+                if r is not None and r > self.peak:
+                    self.peak = r
+        self.thread = threading.Thread(target=sample, daemon=True)
+        if self.start is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = _common.peak_memory_since(self.device, self.start)
+            return
+        if self.start is None:
+            return
+        self.stop.set()
+        self.thread.join()
+        r = self._rss()
+        self.mib = (max(self.peak, r or 0) - self.start) / 2**20
 
 
 # --------------------------------------------------------------------------- one case
@@ -160,16 +259,14 @@ def backend_skip_reason(name: str, device: torch.device) -> Optional[str]:
 
 
 def default_providers(device: torch.device) -> list:
-    """The authors' loop and evofast with the backend "auto" picks (plus torch on the CPU)."""
-    auto = _backend.resolve(device, "auto")
-    names = [AUTHORS, f"evofast-{auto}"]
-    if device.type == "cpu" and auto != "torch":
-        names.append("evofast-torch")
-    return names
+    """The authors' loop and evofast with the backend "auto" picks."""
+    return [AUTHORS, f"evofast-{_backend.resolve(device, 'auto')}"]
 
 
 def bench_case(shape: GenShape, B: int, model, device: torch.device, providers: list, timing: dict, log,
-               seed: int = 0) -> list:
+               seed: int = 0, modes=("evotoken",), caches=("none",), compile: bool = False) -> list:
+    """Rows for batch size B: per mode, the authors' loop then every evofast provider x cache."""
+    from ..cache import BlockKVCache
     from ..generation import generate
     from ..models.registry import get_adapter
 
@@ -178,124 +275,208 @@ def bench_case(shape: GenShape, B: int, model, device: torch.device, providers: 
     prompts = torch.randint(0, M, (B, shape.prompt), generator=gen).to(device)
     kw = dict(gen_length=shape.gen, block_length=shape.block, steps=shape.steps)
     adapter = get_adapter(model)
-    rows, outputs = [], {}
+    layers, heads, head_dim = adapter.cache_layout()
+    cache_mib = BlockKVCache.size_of(layers, B, heads, shape.length, head_dim,
+                                     adapter.input_embeddings().weight.dtype) / 2**20
+    rows = []
     base = {"shape": shape.name, "B": B, "V": shape.vocab, "d_model": shape.d_model, "layers": shape.n_layers,
             "prompt": shape.prompt, "gen": shape.gen, "block": shape.block, "steps": shape.steps}
+    for mode in modes:
+        outputs = {}
+        configs = [(p, "none") for p in providers if p == AUTHORS]
+        configs += [(p, c) for p in providers if p != AUTHORS for c in caches]
+        for name, cache in configs:
+            row = {**base, "mode": mode, "cache": cache, "provider": name,
+                   "cache_mib": cache_mib if cache != "none" else 0.0}
+            rows.append(row)
+            label = f"B={B} {mode} {name} cache={cache}"
+            if name == AUTHORS:
+                if B > shape.authors_max_batch:
+                    row.update(skipped=True, note=f"batch-1 code, not timed above B={shape.authors_max_batch} "
+                                                  "(it runs the prompts one after another)")
+                    log(f"  {label}: skipped ({row['note']})")
+                    continue
 
-    for name in providers:
-        row = {**base, "provider": name}
-        rows.append(row)
-        if name == AUTHORS:
-            if B > shape.authors_max_batch:
-                row.update(skipped=True, note=f"batch-1 code, not timed above B={shape.authors_max_batch} "
-                                              "(it runs the prompts one after another)")
-                log(f"  B={B} {name}: skipped ({row['note']})")
+                def run(timer=None, mode=mode):
+                    return torch.cat([baselines.authors_generate(model, prompts[b:b + 1], mask_id=M, timer=timer,
+                                                                 mode=mode, k_soft=K_SOFT, alpha=ALPHA, **kw)
+                                      for b in range(B)])
+            else:
+                backend = name.removeprefix("evofast-")
+                why = backend_skip_reason(backend, device)
+                if why:
+                    row.update(skipped=True, note=why)
+                    log(f"  {label}: skipped ({why})")
+                    continue
+
+                def run(timer=None, backend=backend, mode=mode, cache=cache):
+                    target = model if timer is None else timed_adapter(adapter, timer)
+                    return generate(target, prompts, backend=backend, mode=mode, k_soft=K_SOFT, alpha=ALPHA,
+                                    cache=None if cache == "none" else cache, compile=compile, **kw)
+            try:
+                timer, step_timer = SyncTimer(device), SyncTimer(device)
+                with PeakMemory(device) as mem, timed_evo_step(step_timer):
+                    t0 = time.perf_counter()
+                    outputs[(name, cache)] = run(timer)           # instrumented run (also the warm-up)
+                    _common.synchronize(device)
+                    total = time.perf_counter() - t0
+                t = _common.measure(run, device=device, warmup=timing["warmup"], repeat=timing["repeat"],
+                                    budget_s=timing["budget_s"], min_repeat=1, max_repeat=50,
+                                    retry_busy=timing["retry_busy"])
+            except Exception as err:                               # noqa: BLE001 - reported, not fatal
+                row.update(skipped=True, note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                log(f"  {label}: {row['note']}")
                 continue
-
-            def run(timer=None):
-                return torch.cat([baselines.authors_generate(model, prompts[b:b + 1], mask_id=M, timer=timer, **kw)
-                                  for b in range(B)])
-        else:
-            backend = name.removeprefix("evofast-")
-            why = backend_skip_reason(backend, device)
-            if why:
-                row.update(skipped=True, note=why)
-                log(f"  B={B} {name}: skipped ({why})")
-                continue
-
-            def run(timer=None, backend=backend):
-                target = model if timer is None else timed_adapter(adapter, timer)
-                return generate(target, prompts, backend=backend, **kw)
-        try:
-            timer = ForwardTimer(device)
-            t0 = time.perf_counter()
-            outputs[name] = run(timer)                    # instrumented run (also the warm-up)
-            _common.synchronize(device)
-            total = time.perf_counter() - t0
-            t = _common.measure(run, device=device, warmup=timing["warmup"], repeat=timing["repeat"],
-                                budget_s=timing["budget_s"], min_repeat=1, max_repeat=50,
-                                retry_busy=timing["retry_busy"])
-        except Exception as err:                           # noqa: BLE001 - reported, not fatal
-            row.update(skipped=True, note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-            log(f"  B={B} {name}: {row['note']}")
-            continue
-        row.update(t.summary())
-        forwards = timer.calls
-        row["forwards"] = forwards
-        row["median_s"] = t.median_ms / 1e3
-        row["ms_per_step"] = t.median_ms / max(forwards, 1)
-        row["tokens_per_s"] = B * shape.gen / (t.median_ms / 1e3)
-        row["outside_pct"] = 100.0 * max(total - timer.seconds, 0.0) / total
-        row["outside_ms_per_step"] = 1e3 * max(total - timer.seconds, 0.0) / max(forwards, 1)
-        log(f"  B={B} {name}: {row['median_s']:.2f} s/generation, {row['ms_per_step']:.1f} ms/step, "
-            f"{row['tokens_per_s']:.1f} tokens/s, {row['outside_pct']:.1f}% outside the forward")
-
-    ref = outputs.get(AUTHORS)
-    ref_time = next((r["median_ms"] for r in rows if r["provider"] == AUTHORS and not r.get("skipped")), None)
-    for r in rows:
-        if r.get("skipped"):
-            continue
-        if ref_time:
-            r["speedup"] = ref_time / r["median_ms"]
-        out = outputs.get(r["provider"])
-        if r["provider"] == AUTHORS:
-            r["check"] = "reference"
-        elif ref is None:
-            r["check"] = "-"
-        else:
-            bad = int((out != ref).sum())
-            r["check"] = "ok" if bad == 0 else f"DIFF ({bad} tokens)"
+            row.update(t.summary())
+            forwards = timer.calls
+            row["forwards"] = forwards
+            row["median_s"] = t.median_ms / 1e3
+            row["ms_per_step"] = t.median_ms / max(forwards, 1)
+            row["tokens_per_s"] = B * shape.gen / (t.median_ms / 1e3)
+            row["outside_pct"] = 100.0 * max(total - timer.seconds, 0.0) / total
+            row["outside_ms_per_step"] = 1e3 * max(total - timer.seconds, 0.0) / max(forwards, 1)
+            row["evo_step_pct"] = 100.0 * step_timer.seconds / total if name != AUTHORS else None
+            row["peak_mib"] = mem.mib
+            log(f"  {label}: {row['median_s']:.2f} s/generation, {row['ms_per_step']:.1f} ms/step, "
+                f"{row['tokens_per_s']:.1f} tokens/s, {row['outside_pct']:.1f}% outside the forward"
+                + (f", evo_step {row['evo_step_pct']:.1f}%" if row["evo_step_pct"] is not None else ""))
+        _compare(rows, outputs, mode, B)
     return rows
 
 
+def _compare(rows: list, outputs: dict, mode: str, B: int) -> None:
+    """Speedups and token checks of one (mode, B) group of rows."""
+    group = [r for r in rows if r["mode"] == mode and r["B"] == B and not r.get("skipped")]
+    ref = outputs.get((AUTHORS, "none"))
+    ref_time = next((r["median_ms"] for r in group if r["provider"] == AUTHORS), None)
+    for r in group:
+        key = (r["provider"], r["cache"])
+        none = next((x for x in group if x["provider"] == r["provider"] and x["cache"] == "none"), None)
+        if ref_time:
+            r["speedup"] = ref_time / r["median_ms"]
+        if none is not None:
+            r["vs_no_cache"] = none["median_ms"] / r["median_ms"]
+        out = outputs[key]
+        if r["provider"] == AUTHORS:
+            r["check"] = "reference"
+        elif r["cache"] == "none":
+            r["check"] = "-" if ref is None else ("ok" if torch.equal(out, ref) else
+                                                  f"DIFF ({int((out != ref).sum())} tokens)")
+        else:
+            base = outputs.get((r["provider"], "none"), ref)
+            if base is None:
+                r["check"] = "-"
+            else:
+                gen_cols = out.shape[1] - rows[0]["prompt"]
+                same = (out[:, -gen_cols:] == base[:, -gen_cols:]).float().mean().item()
+                r["same_tokens_pct"] = 100.0 * same
+                r["check"] = f"approx ({100 * same:.0f}% same)"
+
+
 # --------------------------------------------------------------------------- command line
-COLUMNS = [("B", "B"), ("provider", "provider"), ("median_s", "s/gen"), ("p20_ms", "p20 ms"), ("p80_ms", "p80 ms"),
-           ("reps", "reps"), ("forwards", "steps"), ("ms_per_step", "ms/step"), ("tokens_per_s", "tokens/s"),
-           ("outside_pct", "% outside fwd"), ("outside_ms_per_step", "outside ms/step"), ("speedup", "speedup"),
-           ("check", "check")]
+COLUMNS = [("B", "B"), ("mode", "mode"), ("provider", "provider"), ("cache", "cache"), ("median_s", "s/gen"),
+           ("p20_ms", "p20 ms"), ("p80_ms", "p80 ms"), ("reps", "reps"), ("forwards", "steps"),
+           ("ms_per_step", "ms/step"), ("tokens_per_s", "tokens/s"), ("outside_pct", "% outside fwd"),
+           ("evo_step_pct", "% evo_step"), ("peak_mib", "peak MiB"), ("cache_mib", "cache MiB"),
+           ("speedup", "speedup"), ("vs_no_cache", "vs none"), ("check", "check")]
 
 
 def render(rows: list) -> str:
     timed = [r for r in rows if not r.get("skipped")]
     text = [_common.format_table(timed, COLUMNS)] if timed else ["(nothing timed)"]
-    skipped = [f"  B={r['B']} {r['provider']}: {r['note']}" for r in rows if r.get("skipped")]
+    skipped = [f"  B={r['B']} {r['mode']} {r['provider']} cache={r['cache']}: {r['note']}"
+               for r in rows if r.get("skipped")]
     if skipped:
         text.append("not timed:\n" + "\n".join(skipped))
     return "\n\n".join(text)
 
 
+def _best(rows: list, B: int, mode: str, cache: str) -> Optional[dict]:
+    cands = [r for r in rows if not r.get("skipped") and r["provider"].startswith("evofast-") and r["B"] == B
+             and r["mode"] == mode and r["cache"] == cache]
+    return min(cands, key=lambda r: r["median_ms"]) if cands else None
+
+
 def targets(rows: list, shape: GenShape, device: torch.device) -> list:
-    """Issue 4's figures against their targets."""
+    """The issues' figures against their targets (issue 4: evofast vs the authors; issue 5: the cache)."""
     out = []
-    best = {}
-    for r in rows:
-        if not r.get("skipped") and r["provider"].startswith("evofast-"):
-            cur = best.get(r["B"])
-            if cur is None or r["median_ms"] < cur["median_ms"]:
-                best[r["B"]] = r
-    if device.type == "cpu" and shape.name == "cpu" and best.get(1, {}).get("speedup") is not None:
-        r = best[1]
-        out.append({"what": f"{r['provider']} vs the authors' loop, cpu shape B=1", "value": r["speedup"],
-                    "target": 3.0, "unit": "x", "met": r["speedup"] >= 3.0})
-    if device.type == "cuda" and shape.name == "llada-8b":
-        for B, r in sorted(best.items()):
-            out.append({"what": f"{r['provider']} share of a step outside the forward, llada-8b B={B}",
-                        "value": r["outside_pct"], "target": 2.0, "unit": "%", "met": r["outside_pct"] < 2.0,
-                        "below": True})
+
+    def goal(what, value, target, unit="x", below=False):
+        out.append({"what": what, "value": value, "target": target, "unit": unit,
+                    "met": value < target if below else value >= target, **({"below": True} if below else {})})
+
+    for mode in MODES:
+        none, prefix, dual = (_best(rows, 1, mode, c) for c in CACHES)
+        if device.type == "cpu" and shape.name == "cpu":
+            if mode == "evotoken" and none and none.get("speedup") is not None:
+                goal(f"{none['provider']} vs the authors' loop, cpu shape B=1 {mode}", none["speedup"], 3.0)
+            if none and prefix:
+                goal(f"prefix cache vs no cache, cpu shape B=1 {mode}", none["median_ms"] / prefix["median_ms"], 2.0)
+            if prefix and dual:
+                goal(f"dual cache vs prefix cache, cpu shape B=1 {mode}", prefix["median_ms"] / dual["median_ms"],
+                     1.0)
+        if device.type == "cuda" and shape.name == "llada-8b":
+            for cache, want in (("prefix", 3.0), ("dual", 5.0)):
+                r = prefix if cache == "prefix" else dual
+                if r is not None and r.get("speedup") is not None:
+                    goal(f"{cache} cache vs the authors' loop, llada-8b B=1 {mode}", r["speedup"], want)
+            if mode == "evotoken":
+                for r in (none, prefix, dual):
+                    if r is not None and r.get("evo_step_pct") is not None:
+                        goal(f"evo_step share of a step, llada-8b B=1 cache={r['cache']}", r["evo_step_pct"], 2.0,
+                             unit="%", below=True)
     return out
+
+
+def plot(rows: list, path, title: str):
+    """Bar chart of tokens/s by configuration (one bar per timed row), log scale."""
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if not r.get("skipped")]
+    labels = [f"B={r['B']} {r['mode']} {r['provider'].removeprefix('evofast-')}"
+              + ("" if r["provider"] == AUTHORS else f" {r['cache']}") for r in done]
+    colours = {"none": "#1f77b4", "prefix": "#ff7f0e", "dual": "#2ca02c"}
+    col = ["#7f7f7f" if r["provider"] == AUTHORS else colours[r["cache"]] for r in done]
+    fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(done) + 2), 5))
+    ax.bar(range(len(done)), [r["tokens_per_s"] for r in done], color=col)
+    for i, r in enumerate(done):
+        ax.text(i, r["tokens_per_s"], f"{r['tokens_per_s']:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s (log)")
+    ax.set_xticks(range(len(done)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color="#7f7f7f", label="authors' loop")]
+              + [Patch(color=c, label=f"evofast, cache {k}") for k, c in colours.items()], fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_common_arguments(
         parser, shapes=list(SHAPES),
         shape_help="tiny (V 1000, seconds) | cpu (d_model 64, 2 layers, V 126464, prompt 64, gen 128, B 1) | "
-                   "llada-8b (LLaDA-8B layers, bf16, prompt 128, gen 256, B 1/16); default llada-8b on GPU, "
-                   "cpu on CPU")
+                   "llada-8b (LLaDA-8B layers, bf16, prompt 512, gen 256, steps 256, B 1); default llada-8b "
+                   "on GPU, cpu on CPU")
     parser.add_argument("--backends", nargs="+", default=None, metavar="NAME",
-                        help="providers (default: authors and evofast with the automatic backend, plus "
-                             "evofast-torch on the CPU): " + ", ".join(provider_names())
-                             + "; a bare backend name means evofast-<name>")
-    parser.add_argument("--batch", type=int, nargs="+", default=None, metavar="B", help="batch sizes")
+                        help="providers (default: authors and evofast with the automatic backend): "
+                             + ", ".join(provider_names()) + "; a bare backend name means evofast-<name>")
+    parser.add_argument("--batch-sizes", "--batch", dest="batch", type=int, nargs="+", default=None, metavar="B",
+                        help="batch sizes (default: the shape's)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="decoding modes (default both)")
+    parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES),
+                        help="evofast KV caches (default all three)")
+    parser.add_argument("--compile", action="store_true", help="evofast.generate(compile=True)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help="write a tokens/s bar chart here")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads (default: torch's); 1 keeps small-op timings stable on a busy machine")
@@ -323,6 +504,10 @@ def run(args: argparse.Namespace) -> int:
     shape = SHAPES[args.shape or ("llada-8b" if device.type == "cuda" else "cpu")]
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     batches = tuple(args.batch or shape.batches)
+    if any(b < 1 for b in batches):
+        raise SystemExit(f"--batch-sizes: expected sizes >= 1, got {list(batches)}")
+    modes = tuple(dict.fromkeys(args.modes))
+    caches = tuple(dict.fromkeys(args.caches))
     providers = _providers(args.backends, device)
     # the instrumented run comes first and counts as one warm-up call
     timing = {"warmup": max(args.warmup - 1, 0), "repeat": args.repeat or None,
@@ -340,7 +525,8 @@ def run(args: argparse.Namespace) -> int:
     config = {"shape": shape.name, "vocab": shape.vocab, "mask_id": shape.mask_id, "d_model": shape.d_model,
               "n_layers": shape.n_layers, "n_heads": shape.n_heads, "mlp": shape.mlp or 3 * shape.d_model,
               "prompt": shape.prompt, "gen": shape.gen, "block": shape.block, "steps": shape.steps,
-              "batches": list(batches), "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+              "batches": list(batches), "modes": list(modes), "caches": list(caches), "compile": args.compile,
+              "dtype": str(dtype).replace("torch.", ""), "device": str(device),
               "k_soft": K_SOFT, "alpha": ALPHA, "providers": providers, "timing": timing,
               "what": "one whole greedy generation per timed call; the warm-up is the instrumented run"}
     print(f"evofast bench generate: {env['device']} ({device}, {env['cores']} cores, {env['torch_threads']} torch "
@@ -351,8 +537,9 @@ def run(args: argparse.Namespace) -> int:
           f"{shape.n_layers} layers, V {shape.vocab}, prompt {shape.prompt}, gen {shape.gen}, block {shape.block}, "
           f"steps {shape.steps}, B {list(batches)}, {config['dtype']}; greedy, k_soft {K_SOFT}, alpha {ALPHA}")
     print("authors: their batch-1 loop (all L logits every forward, float64 post-processing of all L rows); "
-          "evofast-*: evofast.generate. % outside fwd: share of a generation's time outside the model forwards "
-          "(an extra run with synchronised forwards); check: tokens vs the authors' loop")
+          "evofast-*: evofast.generate with cache none/prefix/dual. % outside fwd / % evo_step: shares of a "
+          "generation's time (an extra run with synchronised forwards and evo_steps); peak MiB: that run's peak "
+          "above its start; check: tokens vs the authors' loop (a cache: share equal to evofast without one)")
     log(f"building the model ({shape.name}) ...")
     t0 = time.perf_counter()
     model = build_model(shape, device, dtype)
@@ -360,18 +547,20 @@ def run(args: argparse.Namespace) -> int:
 
     rows = []
     for B in batches:
-        rows += bench_case(shape, B, model, device, providers, timing, log)
+        rows += bench_case(shape, B, model, device, providers, timing, log, modes=modes, caches=caches,
+                           compile=args.compile)
     print()
     print(render(rows))
     shares = [r["other_cpu"] for r in rows if r.get("other_cpu") is not None]
     other = max(shares) if shares else None
     if other is not None:
-        busy = [f"B={r['B']} {r['provider']}" for r in rows if (r.get("other_cpu") or 0) > _common.BUSY_THRESHOLD]
+        busy = [f"B={r['B']} {r['mode']} {r['provider']} {r['cache']}" for r in rows
+                if (r.get("other_cpu") or 0) > _common.BUSY_THRESHOLD]
         print(f"\nother processes used at most {100 * other:.0f}% of the {env['cores']} cores while timing"
               + (f"; WARNING: disturbed timings: {', '.join(busy)}" if busy else ""))
     goals = targets(rows, shape, device)
     if goals:
-        print("\ntargets (issue 4):")
+        print("\ntargets (issues 4 and 5):")
         for g in goals:
             rel = "<" if g.get("below") else ">="
             print(f"  {g['what']}: {g['value']:.2f} {g['unit']} (target {rel} {g['target']:g}) "
@@ -381,6 +570,10 @@ def run(args: argparse.Namespace) -> int:
             "benchmark": "evofast.bench.generate", "schema_version": _common.SCHEMA_VERSION, "env": env,
             "config": config, "other_cpu_max": other, "targets": goals, "rows": rows})
         print(f"\nwrote {path}")
+    if args.plot:
+        title = (f"evofast bench generate, {shape.name}: {env['device']}, {config['dtype']}, "
+                 f"prompt {shape.prompt}, gen {shape.gen}, block {shape.block}, steps {shape.steps}")
+        print(f"wrote {plot(rows, args.plot, title)}")
     return 0
 
 

@@ -8,7 +8,7 @@ nothing of evofast's kernels; `generate` and `cts` compose the two.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +78,53 @@ class Adapter:
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.input_embeddings()(input_ids)
 
+    # -- what cts uses: the LM head split off (evofast.ops.linear_cross_entropy) --
+    def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+        """The LM head's input `(B, L, d)` (final-norm output), same arguments as `forward`."""
+        raise TypeError(f"evofast's {self.name} adapter cannot give hidden states before the LM head: "
+                        "CTS training (evofast.cts) needs them; use evofast.models.llada or LLaDA's remote code")
+
+    def output_head(self) -> tuple:
+        """`(weight (V, d), bias (V,) or None, scale)`: logits = scale * (hidden @ weight.T + bias)."""
+        raise TypeError(f"evofast's {self.name} adapter does not expose its output embedding: "
+                        "CTS training (evofast.cts) needs it; use evofast.models.llada or LLaDA's remote code")
+
+    # -- KV cache (evofast.cache.BlockKVCache) ------------------------------------
+    #: the `generate(cache=...)` kinds this adapter can run ("prefix", "dual"); () = none
+    cache_kinds: ClassVar[Tuple[str, ...]] = ()
+    #: rows before the first logits row that a cached window must include (1 for models whose
+    #: logits at row i read the hidden state of row i - 1, e.g. Dream)
+    cache_lead: int = 0
+
+    def cache_layout(self) -> Tuple[int, int, int]:
+        """(attention layers, key/value heads, head_dim) of the model, for `new_cache`."""
+        raise NotImplementedError(f"the {self.name} adapter has no KV cache")
+
+    def new_cache(self, batch: int, length: int):
+        """A `BlockKVCache` for `batch` rows of `length` positions in the model's dtype and device."""
+        from ..cache import BlockKVCache
+        layers, heads, head_dim = self.cache_layout()
+        w = self.input_embeddings().weight
+        return BlockKVCache(layers, batch, heads, length, head_dim, dtype=w.dtype, device=w.device)
+
+    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
+                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
+                       logits_to: Optional[int] = None) -> Tensor:
+        """The forward of the window rows `[start, start + n)` of a sequence of `cache.length` positions.
+
+        `input_ids (b, n)` / `inputs_embeds (b, n, d)`: the window rows only (b <= cache.batch
+        rows, the cache's first b slots). `attention_mask` / `position_ids`: as in `forward`,
+        for the whole sequence `(b, cache.length)`. The window's keys and values (after the
+        position encoding) replace positions `[start, start + n)` of `cache`; its queries
+        attend to all `cache.length` keys of the cache (pad keys masked). So with every
+        position written from the same inputs, this equals `forward` on rows
+        `[start, start + n)` (fp32 rounding). Returns the logits of rows
+        `[logits_from, logits_to)` (absolute rows, default the whole window).
+        """
+        raise NotImplementedError(f"the {self.name} adapter has no KV cache")
+
 
 # -- helpers shared by the adapters (torch only; nothing here imports transformers) --
 
@@ -127,6 +174,34 @@ def check_inputs(input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor], a
     if max_length is not None and L > max_length:
         raise ValueError(f"sequence length {L} exceeds the model's maximum of {max_length} positions")
     return B, L
+
+
+def check_cached(cache, start: int, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
+                 attention_mask: Optional[Tensor], position_ids: Optional[Tensor], logits_from: Optional[int],
+                 logits_to: Optional[int]):
+    """Validate `Adapter.forward_cached`'s arguments; -> (b, n, L, logits_from, logits_to) with
+    the logits bounds made relative to the window. ValueErrors naming the argument."""
+    from ..cache import BlockKVCache
+    if not isinstance(cache, BlockKVCache):
+        raise ValueError(f"cache: expected an evofast.cache.BlockKVCache, got {type(cache).__name__}")
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise ValueError(f"start: expected an int, got {start!r}")
+    L = cache.length
+    ref = input_ids if input_ids is not None else inputs_embeds
+    b = ref.shape[0] if ref is not None and ref.dim() >= 2 else 0
+    check_inputs(input_ids, inputs_embeds, None, None, 0)
+    n = ref.shape[1]
+    if not 1 <= b <= cache.batch:
+        raise ValueError(f"input: {b} rows, the cache holds {cache.batch}")
+    if not (0 <= start and start + n <= L):
+        raise ValueError(f"start: window [{start}, {start + n}) outside the cached length {L}")
+    check_inputs(torch.empty(b, L, dtype=torch.long, device="meta"), None, attention_mask, position_ids, 0)
+    lo = start if logits_from is None else logits_from
+    hi = start + n if logits_to is None else logits_to
+    if not start <= lo <= hi <= start + n:
+        raise ValueError(f"logits_from, logits_to: expected start <= from <= to <= start + n = {start + n}, "
+                         f"got {lo}, {hi} (start {start})")
+    return b, n, L, lo - start, hi - start
 
 
 def keep_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:

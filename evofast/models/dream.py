@@ -29,6 +29,14 @@ Qwen2 model trained as a plain masked diffusion LM reads row i at row i). Set
 
 Not supported (TypeError at `patch`): sliding-window layers, and attention
 implementations that cannot take a 4-D float mask (only "eager" and "sdpa" can).
+
+KV cache: the attention modules hand their keys and values (after RoPE) to
+`past_key_values.update`, so `forward_cached` passes an `evofast.cache`
+positional `transformers.Cache` and the additive key mask (as transformers'
+ready mask mapping for transformers' Qwen2, so no causal mask is built). With
+`shift_logits` the logits of row i read hidden row i - 1, so a cached window
+starts one row before its first logits row (`cache_lead`). Dream's own remote
+class goes through the same calls (untested here, as above).
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import HFAdapter, additive_key_bias, check_inputs, default_positions, keep_mask
+from .base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
 
 _MASK_READY_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
@@ -49,6 +57,7 @@ def _is_dream(model: nn.Module) -> bool:
 
 class DreamAdapter(HFAdapter):
     name = "dream"
+    cache_kinds = ("prefix", "dual")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -117,15 +126,57 @@ class DreamAdapter(HFAdapter):
             hidden = hidden[:, logits_from:]
         return self.model.lm_head(hidden)
 
+    @property
+    def cache_lead(self) -> int:
+        return 1 if self.shift_logits else 0
+
+    def cache_layout(self):
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return int(cfg.num_hidden_layers), int(cfg.num_key_value_heads), int(head_dim)
+
+    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
+                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
+                       logits_to: Optional[int] = None) -> Tensor:
+        from ..cache import transformers_cache
+        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
+                                       logits_from, logits_to)
+        if self.shift_logits and start > 0 and lo == 0:
+            raise ValueError(f"logits_from: with shift_logits the logits of row {start} read row {start - 1}, "
+                             f"outside the window starting at {start} (start the window one row earlier)")
+        problem = self.unsupported(self.model)
+        if problem is not None:
+            raise TypeError(f"evofast dream adapter: {type(self.model).__name__}: {problem}")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.input_embeddings().weight.dtype
+        keep = keep_mask(attention_mask)
+        bias = additive_key_bias(keep, b, L, dtype, ref.device)
+        from transformers import Qwen2Model
+        if isinstance(self.model.model, Qwen2Model):
+            bias = {"full_attention": bias}  # transformers' ready mapping: no causal mask is built
+        positions = default_positions(attention_mask, position_ids, L, ref.device).expand(b, L)
+        out = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
+                               position_ids=positions[:, start:start + n],
+                               past_key_values=transformers_cache(cache, start), use_cache=False,
+                               output_attentions=False, output_hidden_states=False, return_dict=True)
+        hidden = out[0]
+        if self.shift_logits:
+            return self.model.lm_head(self._shift(hidden, keep, start + lo, offset=start)[:, :hi - lo])
+        return self.model.lm_head(hidden[:, lo:hi])
+
     @staticmethod
-    def _shift(hidden: Tensor, keep: Optional[Tensor], logits_from: int) -> Tensor:
-        """Rows [logits_from, L) of Dream's realignment: row i reads hidden row i - 1, except
-        each row's first real token (and row 0), which reads its own, as in an unpadded run."""
-        L = hidden.shape[1]
-        prev = torch.cat((hidden[:, :1], hidden[:, :L - 1]), dim=1)[:, logits_from:]
+    def _shift(hidden: Tensor, keep: Optional[Tensor], logits_from: int, offset: int = 0) -> Tensor:
+        """Rows [logits_from, offset + n) of Dream's realignment: row i reads hidden row i - 1, except
+        each row's first real token (and row 0), which reads its own, as in an unpadded run.
+        `hidden` holds rows [offset, offset + n) (a cached window; `logits_from > offset` then,
+        unless offset is 0); `keep` covers the whole sequence."""
+        n = hidden.shape[1]
+        lf = logits_from - offset
+        prev = torch.cat((hidden[:, :1], hidden[:, :n - 1]), dim=1)[:, lf:]
         if keep is None:
             return prev
         first = keep.clone()
         first[:, 1:] &= ~keep[:, :-1]  # a real token after a pad (or at 0)
-        first = first[:, logits_from:, None].to(hidden.device)
-        return torch.where(first, hidden[:, logits_from:], prev)
+        first = first[:, logits_from:offset + n, None].to(hidden.device)
+        return torch.where(first, hidden[:, lf:], prev)

@@ -37,8 +37,10 @@ Logits have ``embedding_size`` columns (LLaDA-8B: 126464 = vocab_size).
 Differences from LLaDA's remote code, none of which changes the outputs for
 plain unpadded input: ``attention_mask`` is honoured (LLaDA's code builds a
 pad bias and then drops it), ``position_ids`` are honoured (RoPE from explicit
-positions), and there is no KV cache yet (``LLaDABlock.attention`` and
-``LLaDABlock.forward_attention`` are the seams for one).
+positions), and the KV cache is evofast's ``BlockKVCache`` (``LLaDAModel.forward``
+with ``kv_cache``: the window's keys, after RoPE at their absolute positions,
+replace theirs in the cache, and its queries attend to the whole cached
+sequence), not LLaDA's ``past_key_values``.
 
 Only LLaDA's ``block_type="llama"``, ``rope=True``, ``block_group_size=1``
 layout is built; other values raise ``NotImplementedError`` at construction.
@@ -295,21 +297,26 @@ class LLaDABlock(GradientCheckpointingLayer):
         return x
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, L, d_model); cos/sin from LLaDARotaryEmbedding; attn_mask for SDPA or None."""
+                attn_mask: Optional[torch.Tensor] = None, kv=None) -> torch.Tensor:
+        """x (B, L, d_model); cos/sin from LLaDARotaryEmbedding; attn_mask for SDPA or None;
+        kv: None, or (BlockKVCache, start) when x holds the rows [start, start + L) (see attention)."""
         h = self.attn_norm(x)
-        x = x + self._dropout(self.attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), cos, sin, attn_mask))
+        x = x + self._dropout(self.attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), cos, sin, attn_mask,
+                                             kv))
         h = self.ff_norm(x)
         h = self.act(self.ff_proj(h)) * self.up_proj(h)
         return x + self._dropout(self.ff_out(h))
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  attn_mask: Optional[torch.Tensor] = None, kv=None) -> torch.Tensor:
         """Projections (B, L, *) -> attn_out(attention) (B, L, d_model).
 
         RoPE is applied to q and k at the given positions before
-        ``forward_attention``: a KV cache stores k after RoPE and hands the
-        cached k, v to ``forward_attention``."""
+        ``forward_attention``. With ``kv = (cache, start)`` the rows are the
+        window [start, start + L) of a longer sequence: their k, v (after RoPE)
+        replace positions [start, start + L) of ``cache`` for this layer and the
+        queries attend to the cache's keys of the whole sequence (attn_mask then
+        covers those keys)."""
         B, L, _ = q.shape
         if self.q_norm is not None:
             dtype = k.dtype
@@ -319,6 +326,8 @@ class LLaDABlock(GradientCheckpointingLayer):
         v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin, self.rope_full_precision)
         k = apply_rotary(k, cos, sin, self.rope_full_precision)
+        if kv is not None:
+            k, v = kv[0].write(self.layer_id, kv[1], k, v)
         out = self.forward_attention(q, k, v, attn_mask)
         return self.attn_out(out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
@@ -354,11 +363,17 @@ class LLaDAModel(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                output_hidden_states: bool = False):
+                output_hidden_states: bool = False, kv_cache=None, cache_start: int = 0):
         """-> (ln_f(final hidden) (B, L, d_model), all hidden states or None).
 
         The tuple of hidden states is the input of every block followed by the
-        final normed state (the LM head's input), as LLaDA returns them."""
+        final normed state (the LM head's input), as LLaDA returns them.
+
+        With ``kv_cache`` (an ``evofast.cache.BlockKVCache``) the input holds the
+        rows [cache_start, cache_start + L) of a sequence of ``kv_cache.length``
+        positions, and ``attention_mask`` / ``position_ids`` cover that whole
+        sequence: each block writes the window's keys and values into the cache
+        and attends to all the cached keys (see ``LLaDABlock.attention``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
@@ -369,17 +384,22 @@ class LLaDAModel(nn.Module):
             x = x * (self.config.d_model ** 0.5)
         if self.training and self.transformer.emb_drop.p > 0:
             x = self.transformer.emb_drop(x)
+        Lk, kv = L, None
+        if kv_cache is not None:
+            Lk, kv = kv_cache.length, (kv_cache, cache_start)
         if position_ids is None:
-            position_ids = torch.arange(L, device=x.device)[None]
+            position_ids = torch.arange(Lk, device=x.device)[None]
         elif position_ids.dim() == 1:
             position_ids = position_ids[None]
+        if kv is not None:
+            position_ids = position_ids[:, cache_start:cache_start + L]
         cos, sin = self.rotary_emb(position_ids)
-        mask = key_padding_mask(attention_mask, B, L)
+        mask = key_padding_mask(attention_mask, B, Lk)
         hidden = [] if output_hidden_states else None
         for block in self.transformer.blocks:
             if hidden is not None:
                 hidden.append(x)
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, mask, kv)
         x = self.transformer.ln_f(x)
         if hidden is not None:
             hidden.append(x)

@@ -3,16 +3,18 @@
 That model already does what the adapter contract asks: bidirectional SDPA,
 pad keys masked from `attention_mask`, RoPE at explicit `position_ids`. So
 `install` rebinds nothing; `forward` runs the body and applies the LM head
-(`compute_logits`) to rows `[logits_from, L)` only.
+(`compute_logits`) to rows `[logits_from, L)` only. The KV cache ("prefix" and
+"dual") is the model's own (`LLaDAModel.forward(kv_cache=...)`).
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
 from torch import Tensor, nn
 
-from .base import HFAdapter, check_inputs, default_positions, keep_mask
+from .base import HFAdapter, check_cached, check_inputs, default_positions, keep_mask
 
 LLADA_MASK_ID = 126336  # <|mdm_mask|> in LLaDA's 126464-token vocabulary
 LLADA_VOCAB_SIZE = 126464
@@ -35,6 +37,7 @@ def _native_class():
 
 class LLaDANativeAdapter(HFAdapter):
     name = "llada-native"
+    cache_kinds = ("prefix", "dual")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -59,3 +62,34 @@ class LLaDANativeAdapter(HFAdapter):
         hidden, _ = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=keep,
                                      position_ids=pos)
         return self.model.compute_logits(hidden[:, logits_from:])
+
+    def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, 0, self.max_length)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        pos = default_positions(attention_mask, position_ids, L, ref.device)
+        return self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                attention_mask=keep_mask(attention_mask), position_ids=pos)[0]
+
+    def output_head(self) -> tuple:
+        cfg = self.model.config
+        head = self.model.get_output_embeddings()
+        scale = 1.0 / math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0
+        return head.weight, (None if cfg.weight_tying else head.bias), scale
+
+    def cache_layout(self):
+        blocks = self.model.model.transformer.blocks
+        return len(blocks), blocks[0].n_kv_heads, blocks[0].head_dim
+
+    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
+                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
+                       logits_to: Optional[int] = None) -> Tensor:
+        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
+                                       logits_from, logits_to)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        keep = keep_mask(attention_mask)
+        pos = default_positions(attention_mask, position_ids, L, ref.device)
+        hidden, _ = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=keep,
+                                     position_ids=pos, kv_cache=cache, cache_start=start)
+        return self.model.compute_logits(hidden[:, lo:hi])

@@ -26,7 +26,14 @@ Outside `Adapter.forward` every wrapper calls the original unchanged, so plain
 calls the model with ``use_cache=False`` (needed under transformers 5) and no
 ``attention_mask`` (its bias would only be built and dropped).
 
-Not supported: KV-cache arguments (``past_key_values`` / ``replace_position``)
+KV cache: `forward_cached` runs the model on the window rows only (so RoPE,
+gathered at the window's positions, sees equal query and key lengths) and the
+``_scaled_dot_product_attention`` wrapper writes the window's keys and values
+(after RoPE, before any head repetition) into the `BlockKVCache` and attends to
+the whole cached sequence with the key-padding mask. LLaDA's own
+``past_key_values`` is not used.
+
+Not supported: LLaDA's KV-cache arguments (``past_key_values`` / ``replace_position``)
 through the adapter, ``block_group_size > 1`` (``transformer.block_groups``),
 ALiBi or learned positions, and activation checkpointing while gradients are
 recorded (the recomputation in backward would run outside the adapter's mask
@@ -40,20 +47,25 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import HFAdapter, InstancePatches, MethodHook, check_inputs, default_positions, keep_mask
+from .base import HFAdapter, InstancePatches, MethodHook, check_cached, check_inputs, default_positions, keep_mask
 from .llada_native import llada_default_mask_id
 
 
 class _State:
     """What the wrappers read while one adapter forward is running."""
 
-    __slots__ = ("mask", "positions", "logits_from", "tables")
+    __slots__ = ("mask", "positions", "logits_from", "tables", "logits_to", "cache", "start", "layers")
 
-    def __init__(self, mask: Optional[Tensor], positions: Tensor, logits_from: int):
-        self.mask = mask  # bool (B, 1, 1, L) or None
-        self.positions = positions  # int64 (B or 1, L)
-        self.logits_from = logits_from
+    def __init__(self, mask: Optional[Tensor], positions: Tensor, logits_from: int, logits_to: Optional[int] = None,
+                 cache=None, start: int = 0, layers: Optional[dict] = None):
+        self.mask = mask  # bool (B, 1, 1, L) or None (L: the whole sequence's keys)
+        self.positions = positions  # int64 (B or 1, rows run)
+        self.logits_from = logits_from  # relative to the rows run
+        self.logits_to = logits_to
         self.tables = {}  # (dtype, device) -> gathered (sin, cos), shared by the blocks
+        self.cache = cache  # BlockKVCache or None; the rows run are [start, start + n)
+        self.start = start
+        self.layers = layers  # id(block) -> layer index, with a cache
 
 
 def _remote_layout_problem(model: nn.Module) -> Optional[str]:
@@ -86,6 +98,8 @@ def _masked_sdpa(adapter: "LLaDARemoteAdapter", block: nn.Module, original, q, k
                  dropout_p=0.0, is_causal=False):
     """block._scaled_dot_product_attention with the adapter's key-padding mask as attn_mask."""
     state = adapter._state
+    if state is not None and state.cache is not None:
+        k, v = state.cache.write(state.layers[id(block)], state.start, k, v)
     if state is not None and state.mask is not None:
         mask = state.mask
         if attn_mask is not None:  # LLaDA passes None; combine should a variant pass one
@@ -123,15 +137,22 @@ def _positioned_rope(adapter: "LLaDARemoteAdapter", rotary: nn.Module, original,
 
 
 def _sliced_ln_f(adapter: "LLaDARemoteAdapter", ln_f: nn.Module, original, x, *args, **kwargs):
-    """ln_f on rows [logits_from, L) only, so the LM head after it runs on those rows only."""
+    """ln_f on rows [logits_from, logits_to) only (default: to the end), so the LM head after it
+    runs on those rows only."""
     state = adapter._state
-    if state is not None and state.logits_from:
-        x = x[:, state.logits_from:]
-    return original(x, *args, **kwargs)
+    if state is not None and (state.logits_from or state.logits_to is not None):
+        x = x[:, state.logits_from:state.logits_to]
+    out = original(x, *args, **kwargs)
+    captured = getattr(adapter, "_captured", None)
+    if state is not None and captured is not None:  # hidden_states(): keep the normed rows, skip the LM head
+        captured.append(out)
+        out = out[:, :0]
+    return out
 
 
 class LLaDARemoteAdapter(HFAdapter):
     name = "llada-remote"
+    cache_kinds = ("prefix", "dual")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -190,11 +211,56 @@ class LLaDARemoteAdapter(HFAdapter):
             import warnings
             warnings.warn(f"evofast.unpatch: left alone (replaced after patch by something else): {skipped}")
 
+    # -- what cts uses -------------------------------------------------------------
+    def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+        """ln_f's output, caught by the ln_f hook (which hands the LM head zero rows)."""
+        self._captured = []
+        try:
+            self.forward(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids)
+            return self._captured[-1]
+        finally:
+            self._captured = None
+
+    def output_head(self) -> tuple:
+        t, cfg = self.transformer, self.model.config
+        head = t.ff_out if "ff_out" in t else t.wte
+        scale = 1.0 / float(cfg.d_model) ** 0.5 if getattr(cfg, "scale_logits", False) else 1.0
+        return head.weight, getattr(head, "bias", None), scale
+
     # -- forward -----------------------------------------------------------------
+    def cache_layout(self):
+        blocks = self.transformer.blocks
+        cfg = self.model.config
+        head_dim = int(cfg.d_model) // int(cfg.n_heads)
+        return len(blocks), int(blocks[0].k_proj.out_features) // head_dim, head_dim
+
+    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
+                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
+                       logits_to: Optional[int] = None) -> Tensor:
+        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
+                                       logits_from, logits_to)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        keep = keep_mask(attention_mask)
+        positions = default_positions(attention_mask, position_ids, L, ref.device)[:, start:start + n]
+        layers = {id(block): i for i, block in enumerate(self.transformer.blocks)}
+        state = _State(None if keep is None else keep[:, None, None, :], positions, lo, hi, cache, start, layers)
+        return self._run(state, input_ids, inputs_embeds)
+
     def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 logits_from: int = 0) -> Tensor:
         B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        keep = keep_mask(attention_mask)
+        positions = default_positions(attention_mask, position_ids, L, ref.device)
+        return self._run(_State(None if keep is None else keep[:, None, None, :], positions, logits_from),
+                         input_ids, inputs_embeds)
+
+    def _run(self, state: _State, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
+        """The model's own forward with the wrappers reading `state`."""
         if not len(self._patches):
             raise RuntimeError("this adapter is not installed (use evofast.patch(model))")
         if torch.is_grad_enabled() and any(getattr(b, "_activation_checkpoint_fn", None) is not None
@@ -202,12 +268,9 @@ class LLaDARemoteAdapter(HFAdapter):
             raise RuntimeError("LLaDA's remote code has activation checkpointing on: its recomputation in "
                                "backward would run without evofast's pad mask and positions; turn it off "
                                "(model.model.set_activation_checkpointing(None)) or use evofast.models.llada")
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        positions = default_positions(attention_mask, position_ids, L, ref.device)
         if self._state is not None:
             raise RuntimeError("evofast's LLaDA remote adapter is not re-entrant")
-        self._state = _State(None if keep is None else keep[:, None, None, :], positions, logits_from)
+        self._state = state
         try:
             out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False,
                              return_dict=True)

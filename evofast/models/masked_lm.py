@@ -18,6 +18,12 @@ Mask id: `config.mask_token_id` when the config has one (checkpoint configs
 usually do not: the mask id lives in the tokenizer, e.g. 103 for bert-base,
 50264 for roberta-base, 50284 for ModernBERT-base), else `patch(model, mask_id=...)`.
 A config with `is_decoder=True` (causal self-attention) is refused.
+
+KV cache: BERT and RoBERTa self-attention hand their keys and values to
+`past_key_values.update`, so `forward_cached` passes an `evofast.cache`
+positional `transformers.Cache` (the window replaces its positions, the queries
+read the whole sequence) and a 4-D additive key mask. ModernBERT's attention has
+no cache hook: it supports no cache (`generate(cache=...)` says so up front).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .base import HFAdapter, check_inputs, default_positions, keep_mask
+from .base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
 
 
 class _MaskedLMAdapter(HFAdapter):
@@ -81,9 +87,36 @@ class _MaskedLMAdapter(HFAdapter):
                         attention_mask=None if keep is None else keep.long(), position_ids=positions)
         return self.head(out[0][:, logits_from:])
 
+    def cache_layout(self):
+        if not self.cache_kinds:
+            return super().cache_layout()
+        cfg = self.model.config
+        return int(cfg.num_hidden_layers), int(cfg.num_attention_heads), int(cfg.hidden_size // cfg.num_attention_heads)
+
+    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
+                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
+                       logits_to: Optional[int] = None) -> Tensor:
+        if not self.cache_kinds:
+            return super().forward_cached(cache=cache, start=start)
+        from ..cache import transformers_cache
+        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
+                                       logits_from, logits_to)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        keep = keep_mask(attention_mask)
+        positions = self.model_positions(default_positions(attention_mask, position_ids, L, ref.device))
+        positions = positions.expand(b, L)[:, start:start + n]
+        bias = None
+        if keep is not None:
+            bias = additive_key_bias(keep, b, L, self.input_embeddings().weight.dtype, ref.device)
+        out = self.body(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
+                        position_ids=positions, past_key_values=transformers_cache(cache, start), use_cache=False)
+        return self.head(out[0][:, lo:hi])
+
 
 class BertMLMAdapter(_MaskedLMAdapter):
     name = "bert-mlm"
+    cache_kinds = ("prefix", "dual")
     class_name = "BertForMaskedLM"
     body_attr = "bert"
 
@@ -93,6 +126,7 @@ class BertMLMAdapter(_MaskedLMAdapter):
 
 class RobertaMLMAdapter(_MaskedLMAdapter):
     name = "roberta-mlm"
+    cache_kinds = ("prefix", "dual")
     class_name = "RobertaForMaskedLM"
     body_attr = "roberta"
 
