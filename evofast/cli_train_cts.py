@@ -1,0 +1,136 @@
+"""`evofast train-cts`: CTS training (continuous trajectory supervision) from the command line.
+
+    evofast train-cts --model PATH_OR_tiny [--data FILE.jsonl] [--out DIR]
+        [--steps N | --epochs E] [--batch-size B] [--grad-accum G] [--lr LR]
+        [--lora-r R | --full] [--K 4] [--per-de-nums 1 2 4 8] [--block-sizes 512]
+        [--max-length N] [--k-soft 3] [--bf16] [--gradient-checkpointing]
+        [--no-merge] [--no-chat-template] [--trust-remote-code] [--seed S]
+
+FILE.jsonl holds one `{"prompt": ..., "response": ...}` object per line; the
+tokenizer's chat template is applied when it has one. PATH is loaded as by
+`evofast generate` (AutoTokenizer, evofast's LLaDA for model_type "llada").
+`--model tiny` is the built-in random-weight LLaDA-architecture model with a
+character tokenizer; without --data it trains on a few built-in arithmetic
+lines (a demo that the pipeline runs: the loss goes down, nothing more).
+A progress bar and the loss of every step are shown; `--out DIR` saves the
+model with save_pretrained (LoRA merged, or the adapter alone with --no-merge).
+Launch on several processes with torchrun / accelerate launch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "train a diffusion LM with CTS (LoRA by default): --model PATH_OR_tiny --data FILE.jsonl"
+
+DEMO = [("What is 2 + 3?", "2 + 3 = 5."), ("What is 7 + 1?", "7 + 1 = 8."), ("What is 4 + 4?", "4 + 4 = 8."),
+        ("What is 6 + 3?", "6 + 3 = 9."), ("What is 1 + 1?", "1 + 1 = 2."), ("What is 5 + 2?", "5 + 2 = 7.")]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="PATH_OR_tiny",
+                        help="checkpoint directory, or 'tiny' for the built-in random model")
+    parser.add_argument("--data", metavar="FILE.jsonl", default=None,
+                        help='{"prompt", "response"} lines (optional with --model tiny: a built-in demo set)')
+    parser.add_argument("--out", metavar="DIR", default=None, help="save the trained model here (save_pretrained)")
+    parser.add_argument("--steps", type=int, default=-1, metavar="N", help="optimizer steps (default: --epochs)")
+    parser.add_argument("--epochs", type=float, default=1.0, metavar="E", help="passes over the data (1)")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="examples per device and micro-step")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="G", help="micro-steps per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-5, metavar="LR", help="learning rate (1e-5)")
+    parser.add_argument("--lora-r", type=int, default=128, metavar="R", help="LoRA rank on q/k/v (128, the paper's)")
+    parser.add_argument("--lora-alpha", type=int, default=None, metavar="A", help="LoRA alpha (default 2 r)")
+    parser.add_argument("--full", action="store_true", help="train every parameter instead of LoRA")
+    parser.add_argument("--K", type=int, default=4, help="trajectory steps (4)")
+    parser.add_argument("--per-de-nums", type=int, nargs="+", default=[1, 2, 4, 8], metavar="D",
+                        help="tokens revealed per trajectory step, drawn per batch (1 2 4 8)")
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[512], metavar="L",
+                        help="block lengths, drawn per batch (512, the authors' script)")
+    parser.add_argument("--max-length", type=int, default=None, metavar="N",
+                        help="drop (and count) longer examples (default: the model's limit)")
+    parser.add_argument("--k-soft", type=int, default=3, metavar="K", help="top-k of a soft token (3)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--no-merge", action="store_true", help="--out saves the LoRA adapter alone")
+    parser.add_argument("--no-chat-template", action="store_true", help="never apply the chat template")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the checkpoint's own model / tokenizer code")
+    parser.add_argument("--mask-id", type=int, default=None, help="mask token id (default: config, then tokenizer)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .cli_generate import TINY_NOTE, load_checkpoint, load_tiny
+    from .cts import encode_examples, load_jsonl, train_cts
+
+    def err(msg):
+        print(f"evofast train-cts: error: {msg}", file=sys.stderr)
+        return 2
+
+    for name in ("steps", "batch_size", "grad_accum", "K", "k_soft"):
+        v = getattr(args, name)
+        if v == 0 or v < -1 or (v == -1 and name != "steps"):
+            return err(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.data is None and args.model != "tiny":
+        return err("--data FILE.jsonl is required (only --model tiny has a built-in demo set)")
+    try:
+        records = load_jsonl(args.data) if args.data else [{"prompt": p, "response": r} for p, r in DEMO]
+    except (OSError, ValueError) as e:
+        return err(f"cannot read --data: {e}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.model == "tiny":
+            print(TINY_NOTE, file=sys.stderr)
+            if device.type == "cpu":
+                torch.set_num_threads(1)   # tiny matrices: more threads only add synchronisation (see load_tiny)
+            model, tok = load_tiny(device, torch.float32)
+        else:
+            model, tok = load_checkpoint(args.model, device, torch.float32, args.trust_remote_code)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        return err(f"cannot load {args.model!r}: {e}")
+    examples = encode_examples(tok, records, chat=not args.no_chat_template)
+    max_length = args.max_length
+    if max_length is None:
+        max_length = getattr(getattr(model, "config", None), "max_sequence_length", None)
+
+    def show(step, loss):
+        print(f"step {step}: loss {loss:.4f}", file=sys.stderr)
+
+    try:
+        trained, losses = train_cts(
+            model, tok, examples, output_dir=args.out, lora_r=None if args.full else args.lora_r,
+            lora_alpha=args.lora_alpha, mask_id=args.mask_id, K=args.K, per_de_nums=args.per_de_nums,
+            block_sizes=args.block_sizes, max_length=max_length, k_soft=args.k_soft, epochs=args.epochs,
+            max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+            bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+            merge=not args.no_merge, progress=not args.no_progress, on_loss=show)
+    except (ValueError, TypeError) as e:
+        return err(str(e))
+    if losses:
+        print(f"{len(losses)} steps, loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}", file=sys.stderr)
+    if args.out:
+        print(f"saved to {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    from . import cli
+    return cli.standalone(sys.modules[__name__], "evofast train-cts", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

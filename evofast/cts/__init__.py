@@ -1,0 +1,25 @@
+"""CTS training (continuous trajectory supervision, spec/evotoken.md section 3), fused.
+
+    from evofast import cts
+    batch = cts.CTSCollator(mask_id, pad_id, K=4)(examples)
+    loss = cts.cts_loss(model, batch, k_soft=3, backward=True)
+    trainer = cts.CTSTrainer(model=..., args=TrainingArguments(...), ...)
+
+`train_cts(model, tokenizer, examples, ...)` runs the whole thing (LoRA, Trainer,
+save) from Python; `evofast train-cts` wraps it. The trainer is imported lazily
+(it needs transformers / peft).
+"""
+from .collator import CTSCollator
+from .data import encode_example, encode_examples, load_jsonl
+from .eager import eager_cts_loss
+from .loss import cts_loss
+
+__all__ = ["CTSCollator", "cts_loss", "eager_cts_loss", "CTSTrainer", "train_cts", "load_jsonl",
+           "encode_example", "encode_examples"]
+
+
+def __getattr__(name):
+    if name in ("CTSTrainer", "train_cts"):
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'evofast.cts' has no attribute {name!r}")

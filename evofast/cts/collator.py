@@ -1,0 +1,147 @@
+"""`CTSCollator`: the noising of spec/evotoken.md section 3, vectorised over the batch.
+
+Per batch: right-pad to the longest example; with probability `extra_pad_prob`
+(QUIRK, 0.5) append 1..`max_extra_pad` (10) more pad tokens to every row (they are
+ordinary supervised tokens); draw `d` from `per_de_nums` and a block length `Lb`
+from `block_sizes`; clip `Lb` to `N - max(P)`; if `K * d >= Lb`, `Lb = K * d + 1`.
+Per row: block start uniform in `[P, N - Lb]` (`N - Lb` when that range is
+empty), a random permutation `perm` of the block, `m` uniform in `[0, Lb - K d]`;
+positions `st + perm[m:]` and everything after the block are masked, and
+`next[k, j] = st + perm[m + k d + j]`. Every draw comes from one `torch.Generator`
+(uniform integers as `floor(u * n)`, permutations as `argsort` of uniforms), so
+the distribution is the spec's and a seeded collator repeats itself.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def _positive_ints(name: str, values) -> tuple:
+    try:
+        vals = tuple(values)
+    except TypeError:
+        raise ValueError(f"{name}: expected a non-empty sequence of positive ints, got {values!r}") from None
+    if not vals or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in vals):
+        raise ValueError(f"{name}: expected a non-empty sequence of positive ints, got {values!r}")
+    return tuple(int(v) for v in vals)
+
+
+class CTSCollator:
+    """Turns a list of `{"input_ids": (n,) ids, "prompt_length": int}` into a CTS batch.
+
+    Returns a dict of `input_ids (B, N)` (noised), `labels (B, N)` (clean ids),
+    `prompt_lengths (B,)`, `block_start (B,)`, `block_end (B,)` (inclusive) and
+    `next_positions (B, K, d)`, all int64 on the CPU. Unusable examples (no response
+    token, longer than `max_length`, malformed) are dropped and counted in
+    `self.dropped`; a batch left empty raises ValueError.
+    """
+
+    def __init__(self, mask_id: int, pad_id: int, K: int = 4, per_de_nums: Sequence[int] = (1, 2, 4, 8),
+                 block_sizes: Sequence[int] = (512,), generator: Optional[torch.Generator] = None, *,
+                 max_length: Optional[int] = None, extra_pad_prob: float = 0.5, max_extra_pad: int = 10):
+        for name, v in (("mask_id", mask_id), ("pad_id", pad_id), ("K", K), ("max_extra_pad", max_extra_pad)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
+        if K < 1:
+            raise ValueError(f"K: the number of trajectory steps must be >= 1, got {K}")
+        self.mask_id, self.pad_id, self.K = int(mask_id), int(pad_id), int(K)
+        self.per_de_nums = _positive_ints("per_de_nums", per_de_nums)
+        self.block_sizes = _positive_ints("block_sizes", block_sizes)
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 2:
+                raise ValueError(f"max_length: expected an int >= 2 or None, got {max_length!r}")
+            worst = self.K * max(self.per_de_nums)
+            if worst >= max_length:
+                raise ValueError(f"K * d = {self.K} * {max(self.per_de_nums)} = {worst} >= max_length={max_length}: "
+                                 "a block of K * d + 1 positions never fits; lower K or per_de_nums")
+        self.max_length = None if max_length is None else int(max_length)
+        if not 0.0 <= float(extra_pad_prob) <= 1.0:
+            raise ValueError(f"extra_pad_prob: expected a probability in [0, 1], got {extra_pad_prob!r}")
+        self.extra_pad_prob = float(extra_pad_prob)
+        self.max_extra_pad = int(max_extra_pad)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.dropped = 0
+
+    # -- draws -------------------------------------------------------------------------
+    def _u(self, *shape) -> Tensor:
+        return torch.rand(shape, generator=self.generator, dtype=torch.float64)
+
+    def _randint(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """Uniform integers in [lo, hi] (inclusive), elementwise."""
+        return lo + (self._u(*lo.shape) * (hi - lo + 1)).long().clamp_max(hi - lo)
+
+    def _choice(self, values: tuple) -> int:
+        return values[int(self._u(1) * len(values)) % len(values)]
+
+    # -- examples ----------------------------------------------------------------------
+    def _usable(self, ex) -> Optional[tuple]:
+        """(ids (n,) int64, prompt length) or None when the example cannot be trained on."""
+        try:
+            ids = ex["input_ids"]
+            plen = ex["prompt_length"] if "prompt_length" in ex else ex["prompt_lengths"]
+            ids = torch.as_tensor(ids).reshape(-1) if not isinstance(ids, Tensor) or ids.dim() != 1 else ids
+            plen = int(torch.as_tensor(plen).reshape(-1)[0]) if isinstance(plen, (Tensor, list, tuple)) else int(plen)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or not 0 <= plen < ids.numel():
+            return None
+        if self.max_length is not None and ids.numel() > self.max_length:
+            return None
+        return ids.to(torch.int64), plen
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        rows = []
+        for ex in examples:
+            got = self._usable(ex)
+            if got is None:
+                self.dropped += 1
+            else:
+                rows.append(got)
+        if not rows:
+            raise ValueError(f"CTSCollator: every example of this batch was unusable ({len(examples)} dropped: "
+                             "no response token, longer than max_length, or malformed)")
+        B = len(rows)
+        lengths = torch.tensor([r[0].numel() for r in rows])
+        P = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+        N = int(lengths.max())
+        if float(self._u(1)) < self.extra_pad_prob:                       # QUIRK: extra supervised pads
+            N += 1 + int(self._u(1) * self.max_extra_pad) % self.max_extra_pad if self.max_extra_pad else 0
+        clean = torch.full((B, N), self.pad_id, dtype=torch.int64)
+        for b, (ids, _) in enumerate(rows):
+            clean[b, :ids.numel()] = ids
+
+        K = self.K
+        fits = tuple(d for d in self.per_de_nums if K * d < N)   # the authors' code asserts; we skip such d
+        if not fits:
+            raise ValueError(f"K * d = {K} * {min(self.per_de_nums)} >= sequence length {N}: a block of K * d + 1 "
+                             "positions does not fit; lower K or per_de_nums, or train on longer examples")
+        d = self._choice(fits)
+        Lb = min(self._choice(self.block_sizes), N - int(P.max()))
+        if K * d >= Lb:
+            Lb = K * d + 1
+        hi = torch.full((B,), N - Lb, dtype=torch.int64)
+        st = torch.where(P >= hi, hi, self._randint(P.clamp_max(N - Lb), hi))
+        en = st + Lb - 1
+        perm = torch.argsort(self._u(B, Lb), dim=1)                       # a uniform permutation per row
+        m = self._randint(torch.zeros(B, dtype=torch.int64), torch.full((B,), Lb - K * d, dtype=torch.int64))
+        rank = torch.argsort(perm, dim=1)                                 # rank[o] = index of offset o in perm
+        pos = torch.arange(N)
+        offset = (pos[None, :] - st[:, None]).clamp(0, Lb - 1)
+        in_block = (pos[None, :] >= st[:, None]) & (pos[None, :] <= en[:, None])
+        masked = (in_block & (rank.gather(1, offset) >= m[:, None])) | (pos[None, :] > en[:, None])
+        slots = m[:, None] + torch.arange(K * d)[None, :]                 # (B, K d) indices into perm
+        nxt = (st[:, None] + perm.gather(1, slots)).view(B, K, d)
+        return {
+            "input_ids": torch.where(masked, self.mask_id, clean),
+            "labels": clean,
+            "prompt_lengths": P,
+            "block_start": st,
+            "block_end": en,
+            "next_positions": nxt,
+        }
