@@ -37,3 +37,13 @@ def skip_unless_usable(name: str):
 def fused(request):
     """(backend name, device) for every fused backend usable here."""
     return request.param, skip_unless_usable(request.param)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: a second torch thread only adds synchronisation (and is very slow on a busy
+    2-core CI machine). Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

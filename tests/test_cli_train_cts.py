@@ -11,18 +11,9 @@ import torch
 
 from evofast import cli_train_cts
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft reads a deprecated transformers property
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_torch_thread")]  # peft reads a deprecated transformers property
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: a second torch thread only adds synchronisation (very slow on a busy CI machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cli_tiny_trains_logs_and_saves(tmp_path, capsys):

@@ -11,18 +11,9 @@ from evofast.models.registry import get_adapter
 from evofast.ops.reference import soft_embed_spec
 
 # peft reads transformers' deprecated is_gradient_checkpointing; the GC test uses the old enable name
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 V, M, PAD = 300, 299, 298
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: a second torch thread only adds synchronisation (very slow on a busy CI machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _examples(lengths, seed=0):

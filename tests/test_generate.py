@@ -29,13 +29,7 @@ spec_generate = authors_generate   # the authors' batch-1 loops, restated in evo
 
 
 # --------------------------------------------------------------------------- models and prompts
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models' matrices are tiny: one torch thread is faster, and steady on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
