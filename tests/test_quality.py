@@ -18,13 +18,7 @@ RESULT_KEYS = {"task", "n", "correct", "accuracy", "ci95", "mode", "cache", "ste
                "k_soft", "alpha", "seed", "seconds", "tokens_per_s", "world_size", "samples"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models: one torch thread (more only add synchronisation, badly so on a busy CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_wilson_interval():
