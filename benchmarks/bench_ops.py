@@ -7,14 +7,9 @@ The code lives in `evofast/bench/ops.py` (so the installed `evofast` command has
 it too); this file only runs it from a checkout.
 """
 import sys
-from pathlib import Path
 
-try:
-    import evofast  # noqa: F401
-except ImportError:  # a checkout that was not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evofast.bench.ops import main  # noqa: E402
+import _checkout  # noqa: F401  (evofast from this checkout when not installed)
+from evofast.bench.ops import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    import evofast  # noqa: F401
-except ImportError:  # a checkout that was not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _checkout  # noqa: F401,E402  (evofast from this checkout when not installed)
 
 from evofast.bench import _common
 from evofast.bench import ops as bench_ops

@@ -11,6 +11,7 @@ built (each registers its own options), not at `import evofast`.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 
@@ -67,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         _add_module(commands, name, module_name)
     return parser
+
+
+def keeps_torch_threads(run):
+    """Wraps a command's `run`: whatever `torch.set_num_threads` it calls (a --threads option),
+    the caller's thread count is restored afterwards (tests and notebooks call commands in-process)."""
+    @functools.wraps(run)
+    def wrapped(args):
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return run(args)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+    return wrapped
 
 
 def standalone(module, prog: str, argv=None) -> int:

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import keeps_torch_threads
+
 HELP = "generate text with EvoToken soft-token decoding (a checkpoint, or --model tiny)"
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -143,18 +145,8 @@ def encode_prompts(tok, prompts, chat: bool, device):
     return ids.to(device), (None if bool(am.all()) else am.to(device))
 
 
+@keeps_torch_threads
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return _run(args)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
-def _run(args: argparse.Namespace) -> int:
     import torch
 
     from . import generation

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import keeps_torch_threads
+
 HELP = "train a diffusion LM with CTS (LoRA by default): --model PATH_OR_tiny --data FILE.jsonl"
 
 DEMO = [("What is 2 + 3?", "2 + 3 = 5."), ("What is 7 + 1?", "7 + 1 = 8."), ("What is 4 + 4?", "4 + 4 = 8."),
@@ -60,18 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@keeps_torch_threads
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return _run(args)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
-def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .cli_generate import TINY_NOTE, load_checkpoint, load_tiny

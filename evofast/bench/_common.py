@@ -410,3 +410,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, shapes: Sequence[st
                              "(default 3; 0 for the tiny shape)")
     parser.add_argument("--cold-l2", action="store_true",
                         help="flush the GPU L2 cache before every timed call (ignored on the CPU)")
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out a matplotlib figure, write it as PNG to `path` (folders made), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

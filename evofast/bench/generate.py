@@ -430,8 +430,6 @@ def targets(rows: list, shape: GenShape, device: torch.device) -> list:
 
 def plot(rows: list, path, title: str):
     """Bar chart of tokens/s by configuration (one bar per timed row), log scale."""
-    from pathlib import Path
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -453,12 +451,7 @@ def plot(rows: list, path, title: str):
     from matplotlib.patches import Patch
     ax.legend(handles=[Patch(color="#7f7f7f", label="authors' loop")]
               + [Patch(color=c, label=f"evofast, cache {k}") for k, c in colours.items()], fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _common.save_figure(fig, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -196,12 +196,7 @@ def plot(rows: list, path, title: str) -> Path:
     a2.set_ylabel("tokens/s")
     a2.set_xticks(list(x))
     a2.set_xticklabels(labels, rotation=75, ha="right", fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _common.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:
