@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="block lengths, drawn per batch (512, the authors' script)")
     parser.add_argument("--max-length", type=int, default=None, metavar="N",
                         help="drop (and count) longer examples (default: the model's limit)")
+    parser.add_argument("--extra-pad-prob", type=float, default=0.5, metavar="P",
+                        help="probability of the collator's extra supervised pads (spec QUIRK: 0.5; 0 when the "
+                             "data is already padded to the generation length)")
     parser.add_argument("--k-soft", type=int, default=3, metavar="K", help="top-k of a soft token (3)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         trained, losses = train_cts(
             model, tok, examples, output_dir=args.out, lora_r=None if args.full else args.lora_r,
             lora_alpha=args.lora_alpha, mask_id=args.mask_id, K=args.K, per_de_nums=args.per_de_nums,
-            block_sizes=args.block_sizes, max_length=max_length, k_soft=args.k_soft, epochs=args.epochs,
+            block_sizes=args.block_sizes, max_length=max_length, extra_pad_prob=args.extra_pad_prob,
+            k_soft=args.k_soft, epochs=args.epochs,
             max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
             bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
             merge=not args.no_merge, progress=not args.no_progress, on_loss=show)

@@ -42,6 +42,9 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "response" in capsys.readouterr().err
     assert cli_train_cts.main(["--model", str(tmp_path)]) == 2                # a checkpoint needs --data
     assert cli_train_cts.main(["--model", "tiny", "--batch-size", "0"]) == 2
+    capsys.readouterr()
+    assert cli_train_cts.main(["--model", "tiny", "--extra-pad-prob", "1.5", "--steps", "1"]) == 2
+    assert "extra_pad_prob" in capsys.readouterr().err                  # reaches the collator's check
 
 
 def test_train_cts_python_api_adapter_only(tmp_path):

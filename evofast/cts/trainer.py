@@ -126,7 +126,8 @@ def train_cts(model, tokenizer, examples, *, output_dir: Optional[str] = None, l
               lora_alpha: Optional[int] = None, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj"),
               mask_id: Optional[int] = None, pad_id: Optional[int] = None, K: int = 4,
               per_de_nums: Sequence[int] = (1, 2, 4, 8), block_sizes: Sequence[int] = (512,),
-              max_length: Optional[int] = None, k_soft: int = 3, epochs: float = 1.0, max_steps: int = -1,
+              max_length: Optional[int] = None, extra_pad_prob: float = 0.5, k_soft: int = 3,
+              epochs: float = 1.0, max_steps: int = -1,
               batch_size: int = 1, grad_accum: int = 1, lr: float = 1e-5, weight_decay: float = 0.0,
               bf16: bool = False, gradient_checkpointing: bool = False,
               seed: int = 0, logging_steps: int = 1, merge: bool = True, progress: bool = True,
@@ -156,7 +157,8 @@ def train_cts(model, tokenizer, examples, *, output_dir: Optional[str] = None, l
     from ..models.registry import patch
     patch(model, mask_id=int(mask_id))     # fails early (TypeError) for models CTS cannot train
     collator = CTSCollator(int(mask_id), int(pad_id), K=K, per_de_nums=per_de_nums, block_sizes=block_sizes,
-                           generator=torch.Generator().manual_seed(seed), max_length=max_length)
+                           generator=torch.Generator().manual_seed(seed), max_length=max_length,
+                           extra_pad_prob=extra_pad_prob)
     trained = model if lora_r is None else add_lora(model, lora_r, lora_alpha, target_modules)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
