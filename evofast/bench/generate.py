@@ -140,9 +140,6 @@ class SyncTimer:
         return out
 
 
-ForwardTimer = SyncTimer  # the name the authors' loop timer had
-
-
 def timed_adapter(adapter, timer: SyncTimer):
     """An Adapter that forwards to `adapter` and times its forwards (evofast.generate accepts adapters)."""
     from ..models.base import Adapter

@@ -114,14 +114,15 @@ class DreamAdapter(HFAdapter):
             raise TypeError(f"evofast dream adapter: {type(self.model).__name__}: {problem}")
         ref = input_ids if input_ids is not None else inputs_embeds
         dtype = inputs_embeds.dtype if inputs_embeds is not None else self.input_embeddings().weight.dtype
-        bias = additive_key_bias(keep_mask(attention_mask), B, L, dtype, ref.device)
+        keep = keep_mask(attention_mask)
+        bias = additive_key_bias(keep, B, L, dtype, ref.device)
         positions = default_positions(attention_mask, position_ids, L, ref.device).expand(B, L)
         out = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
                                position_ids=positions, use_cache=False, output_attentions=False,
                                output_hidden_states=False, return_dict=True)
         hidden = out[0]
         if self.shift_logits:
-            hidden = self._shift(hidden, keep_mask(attention_mask), logits_from)
+            hidden = self._shift(hidden, keep, logits_from)
         else:
             hidden = hidden[:, logits_from:]
         return self.model.lm_head(hidden)

@@ -52,24 +52,25 @@ class LLaDANativeAdapter(HFAdapter):
     def max_length(self) -> Optional[int]:
         return int(self.model.config.max_sequence_length)
 
+    def _body(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor], attention_mask: Optional[Tensor],
+              position_ids: Optional[Tensor], L: int, **cache) -> Tensor:
+        """ln_f's output (the LM head's input) for checked inputs; `cache`: LLaDAModel's kv_cache, cache_start."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        pos = default_positions(attention_mask, position_ids, L, ref.device)
+        return self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                attention_mask=keep_mask(attention_mask), position_ids=pos, **cache)[0]
+
     def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 logits_from: int = 0) -> Tensor:
         B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        pos = default_positions(attention_mask, position_ids, L, ref.device)
-        hidden, _ = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=keep,
-                                     position_ids=pos)
+        hidden = self._body(input_ids, inputs_embeds, attention_mask, position_ids, L)
         return self.model.compute_logits(hidden[:, logits_from:])
 
     def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                       attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
         B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, 0, self.max_length)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        pos = default_positions(attention_mask, position_ids, L, ref.device)
-        return self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                attention_mask=keep_mask(attention_mask), position_ids=pos)[0]
+        return self._body(input_ids, inputs_embeds, attention_mask, position_ids, L)
 
     def output_head(self) -> tuple:
         cfg = self.model.config
@@ -87,9 +88,6 @@ class LLaDANativeAdapter(HFAdapter):
                        logits_to: Optional[int] = None) -> Tensor:
         b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
                                        logits_from, logits_to)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        pos = default_positions(attention_mask, position_ids, L, ref.device)
-        hidden, _ = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=keep,
-                                     position_ids=pos, kv_cache=cache, cache_start=start)
+        hidden = self._body(input_ids, inputs_embeds, attention_mask, position_ids, L, kv_cache=cache,
+                            cache_start=start)
         return self.model.compute_logits(hidden[:, lo:hi])
