@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("steps", "batch_size", "grad_accum", "K", "k_soft"):
         v = getattr(args, name)
-        if v == 0 or v < -1 or (v == -1 and name != "steps"):
+        if v < 1 and not (name == "steps" and v == -1):     # --steps -1: train by --epochs
             return err(f"--{name.replace('_', '-')} must be positive, got {v}")
     if args.data is None and args.model != "tiny":
         return err("--data FILE.jsonl is required (only --model tiny has a built-in demo set)")

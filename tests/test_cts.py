@@ -75,6 +75,14 @@ def test_collator_drops_and_counts_unusable_examples():
         col(_examples([(20, 20)]))
 
 
+def test_collator_extra_pads_stop_at_max_length():
+    """The extra-pad quirk never makes a batch longer than max_length (the model's limit)."""
+    col = _collator(max_length=50, extra_pad_prob=1.0)
+    for _ in range(5):
+        assert col(_examples([(50, 8)]))["input_ids"].shape[1] == 50
+        assert col(_examples([(45, 8)]))["input_ids"].shape[1] in range(46, 51)
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"K": 0}, "K"), ({"per_de_nums": ()}, "per_de_nums"), ({"block_sizes": (0,)}, "block_sizes"),
     ({"max_length": 16, "per_de_nums": (4,)}, "K \\* d"), ({"generator": 3}, "generator"),

@@ -78,9 +78,8 @@ def build(shape: CTSShape, device: torch.device, seed: int = 0):
     """(LoRA-wrapped model in train mode, batch, alphas) for the shape, the same for the same seed."""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
-
     from ..cts import CTSCollator
+    from ..cts.trainer import add_lora
     from ..models import llada
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -107,8 +106,7 @@ def build(shape: CTSShape, device: torch.device, seed: int = 0):
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
     torch.manual_seed(seed)              # peft draws LoRA A from the global RNG: the same in every process
-    model = get_peft_model(model, LoraConfig(r=shape.lora_r, lora_alpha=2 * shape.lora_r,
-                                             target_modules=["q_proj", "k_proj", "v_proj"]))
+    model = add_lora(model, shape.lora_r)           # alpha 2 r on q / k / v
     if shape.checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -2,7 +2,7 @@
 
 Per batch: right-pad to the longest example; with probability `extra_pad_prob`
 (QUIRK, 0.5) append 1..`max_extra_pad` (10) more pad tokens to every row (they are
-ordinary supervised tokens); draw `d` from `per_de_nums` and a block length `Lb`
+ordinary supervised tokens; never past `max_length`); draw `d` from `per_de_nums` and a block length `Lb`
 from `block_sizes`; clip `Lb` to `N - max(P)`; if `K * d >= Lb`, `Lb = K * d + 1`.
 Per row: block start uniform in `[P, N - Lb]` (`N - Lb` when that range is
 empty), a random permutation `perm` of the block, `m` uniform in `[0, Lb - K d]`;
@@ -85,7 +85,7 @@ class CTSCollator:
         try:
             ids = ex["input_ids"]
             plen = ex["prompt_length"] if "prompt_length" in ex else ex["prompt_lengths"]
-            ids = torch.as_tensor(ids).reshape(-1) if not isinstance(ids, Tensor) or ids.dim() != 1 else ids
+            ids = torch.as_tensor(ids).reshape(-1)
             plen = int(torch.as_tensor(plen).reshape(-1)[0]) if isinstance(plen, (Tensor, list, tuple)) else int(plen)
         except (KeyError, TypeError, ValueError, IndexError):
             return None
@@ -112,6 +112,8 @@ class CTSCollator:
         N = int(lengths.max())
         if float(self._u(1)) < self.extra_pad_prob:                       # QUIRK: extra supervised pads
             N += 1 + int(self._u(1) * self.max_extra_pad) % self.max_extra_pad if self.max_extra_pad else 0
+            if self.max_length is not None:                               # never past what the model takes
+                N = min(N, self.max_length)
         clean = torch.full((B, N), self.pad_id, dtype=torch.int64)
         for b, (ids, _) in enumerate(rows):
             clean[b, :ids.numel()] = ids

@@ -152,7 +152,8 @@ def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Te
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(k_soft, bool) or not isinstance(k_soft, int) or k_soft < 1:
         raise ValueError(f"k_soft: expected a positive int, got {k_soft!r}")
-    adapter = get_adapter(base_model(model), mask_id)
+    base = base_model(model)
+    adapter = get_adapter(base, mask_id)
     emb = adapter.input_embeddings().weight
     weight, bias, scale = adapter.output_head()
     dev = emb.device
@@ -168,9 +169,15 @@ def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Te
     a = draw_alphas(K, B, alphas, generator)
     st_h, en_h = b["block_start"].tolist(), b["block_end"].tolist()
     p_h, nxt_h = b["prompt_lengths"].tolist(), nxt.tolist()
-    pos = torch.arange(N, device=dev)
-    st, en = b["block_start"][:, None], b["block_end"][:, None]
-    gc = _checkpointing(base_model(model))
+    pos = torch.arange(N, device=dev)[None, :]
+    before = pos < b["block_start"][:, None]          # [Decode] rows, never read by the LM head
+    tail = ~before                                    # [block_start, N): what steps k < K - 1 read
+    in_block = tail & (pos <= b["block_end"][:, None])   # what the last step reads
+    block_labels = torch.where(in_block, labels, -100)
+    offsets = [0]                                     # where each row's part starts in h[tail]
+    for s in st_h:
+        offsets.append(offsets[-1] + N - s)
+    gc = _checkpointing(base)
 
     conf = torch.zeros(B, N, dtype=torch.float64, device=dev)
     soft = None
@@ -185,12 +192,7 @@ def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Te
             if gc and torch.is_grad_enabled() and not e.requires_grad:
                 e.requires_grad_()   # reentrant checkpointing drops parameter grads when no input needs grad
             h = adapter.hidden_states(inputs_embeds=e)
-        rows = (pos[None, :] >= st) & ((pos[None, :] <= en) if last else True)   # rows the LM head reads
-        lab = torch.where((pos[None, :] <= en) & rows, labels, -100)[rows]
-        counts = rows.sum(dim=1).tolist()
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
+        rows = in_block if last else tail
         hook = None
         if not last:
             ids = ids.clone()          # the hook writes the ids; this step's graph may hold the old ones
@@ -198,8 +200,8 @@ def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Te
             soft_w = torch.zeros(B, N, k_soft + 1, dtype=emb.dtype, device=dev)
             hook = _Trajectory(ids, conf, soft_ids, soft_w, st_h, en_h, p_h, offsets, [r[k] for r in nxt_h],
                                a[k], adapter.mask_id, k_soft, backend)
-        loss_k = linear_cross_entropy(h[rows], weight, lab, bias=bias, scale=scale, chunk_size=chunk_size,
-                                      on_logits=hook)
+        loss_k = linear_cross_entropy(h[rows], weight, block_labels[rows], bias=bias, scale=scale,
+                                      chunk_size=chunk_size, on_logits=hook)
         del h
         if backward:
             if loss_k.requires_grad:
@@ -209,7 +211,6 @@ def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Te
         steps.append(loss_k.detach())
         if hook is not None:
             # rows before the block are [Decode]: weight 1 on x itself (ids updated by the hook)
-            before = pos[None, :] < st
             soft_ids[..., k_soft] = torch.where(before, ids, soft_ids[..., k_soft])
             soft_w[..., k_soft] = torch.where(before, torch.ones((), dtype=soft_w.dtype, device=dev),
                                               soft_w[..., k_soft])

@@ -32,9 +32,6 @@ class CTSTrainer(Trainer):
     turned off (the examples' keys are not model arguments)."""
 
     def __init__(self, *args, k_soft: int = 3, cts_backward: bool = True, **kwargs):
-        args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
-        if args_obj is not None:
-            args_obj.remove_unused_columns = False
         if kwargs.get("data_collator") is None and len(args) < 3:
             model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
             cfg = getattr(base_model(model), "config", None) if model is not None else None
@@ -44,6 +41,7 @@ class CTSTrainer(Trainer):
                                  "data_collator=evofast.cts.CTSCollator(mask_id, pad_id, ...)")
             kwargs["data_collator"] = CTSCollator(int(mask_id), int(pad_id))
         super().__init__(*args, **kwargs)
+        self.args.remove_unused_columns = False   # read when the dataloaders are built, not before
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             raise NotImplementedError("CTSTrainer runs the K trajectory forwards on the unwrapped model and "
                                       "averages the gradients itself: DDP (torchrun / accelerate) only, not FSDP "

@@ -49,13 +49,12 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Ten
     V = weight.shape[0]
     dev = hidden.device
     valid = labels != ignore_index
-    counts = valid.to(torch.int64)
-    n_valid = int(counts.sum())                                         # one host sync
-    denom = float(n_valid) if reduction == "mean" else 1.0
-    # labelled rows per chunk, on the host: chunks without any skip the loss and gradient work
+    # labelled rows per chunk, on the host (one sync): chunks without any skip the loss and gradient work
     starts = list(range(0, N, chunk))
     per_chunk = (torch.zeros(len(starts), dtype=torch.int64, device=dev).index_add_(
-        0, torch.arange(N, device=dev) // chunk, counts).tolist() if N else [])
+        0, torch.arange(N, device=dev) // chunk, valid.to(torch.int64)).tolist() if N else [])
+    n_valid = sum(per_chunk)
+    denom = float(n_valid) if reduction == "mean" else 1.0
     need_grad = need_h or need_w or need_b
     total = torch.zeros((), dtype=torch.float64, device=dev)
     grad_h = torch.zeros_like(hidden) if need_h else None
@@ -156,7 +155,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias
     if hidden.dim() < 1 or hidden.shape[-1] != d:
         _checks.fail("hidden", f"last dimension must be the weight's d = {d}, got shape {tuple(hidden.shape)}")
     h2 = hidden.reshape(-1, d)
-    if labels.numel() != h2.shape[0] or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         _checks.fail("labels", f"shape {tuple(labels.shape)} does not match hidden's rows {tuple(hidden.shape[:-1])}")
     lab = labels.reshape(-1).to(torch.int64)
     if bias is not None:
