@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import keeps_torch_threads
+
 HELP = "exact-match accuracy (with a Wilson 95 percent interval) and tokens/s of a trained model on a task"
 
 
@@ -78,6 +80,7 @@ def _device(name):
     return pick_device(name)
 
 
+@keeps_torch_threads
 def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist

@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import keeps_torch_threads
+
 HELP = "pretrain a small LLaDA-architecture model from scratch on a synthetic task (masked diffusion)"
 
 
@@ -50,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@keeps_torch_threads
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"train-base: {task!r}, LLaDA d_model {args.d_model}, {args.layers} layers, {args.heads} heads, "
               f"{n_params / 1e6:.2f} M parameters, vocab {len(tok)}, {device}", file=sys.stderr)
-        log = pretrain.train(model.to(device), tok, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        log = pretrain.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              warmup=args.warmup, minutes=args.minutes or None, seed=args.seed, device=device,
                              progress=not args.no_progress)
     except ValueError as e:

@@ -73,14 +73,15 @@ def evaluate(model, tok, task, *, n: int = 500, seed: int = 0, mode: str = "hard
     gen_length / block_length to the task's. The model must be `evofast.patch`able;
     errors of `generate` (bad lengths: ValueError; a cache not built: NotImplementedError)
     propagate before any work is wasted (the first batch raises them)."""
+    from .bench._common import synchronize
     from .generation import generate
+    from .ops._checks import integer
     from .pretrain import encode_batch
 
     gen_length = gen_length or task.gen_length
     block_length = block_length or min(task.block_length, gen_length)
     steps = steps or gen_length // 2
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
+    integer("batch_size", batch_size, lo=1)
     if gen_length < task.gen_length:
         raise ValueError(f"gen_length: the task's answers need {task.gen_length} tokens, got {gen_length}")
     device = next(model.parameters()).device
@@ -98,14 +99,12 @@ def evaluate(model, tok, task, *, n: int = 500, seed: int = 0, mode: str = "hard
             idx = mine[s:s + batch_size]
             batch = encode_batch(tok, task, [test[i] for i in idx], with_response=False)
             ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             out = generate(model, ids, am if not bool(am.all()) else None, gen_length=gen_length,
                            block_length=block_length, steps=steps, mode=mode, k_soft=k_soft, alpha=alpha,
                            cache=cache)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             seconds += time.perf_counter() - t0
             texts = tok.batch_decode(out[:, ids.shape[1]:].tolist(), skip_special_tokens=False)
             for i, text in zip(idx, texts):

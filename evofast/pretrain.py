@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ops._checks import integer
+
 __all__ = ["build_model", "encode_batch", "masked_diffusion_loss", "train", "save", "TrainLog"]
 
 
@@ -38,8 +40,7 @@ def build_model(task, tok=None, d_model: int = 128, n_layers: int = 4, n_heads: 
     from .tasks import make_tokenizer
 
     for name, v in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("mlp_ratio", mlp_ratio)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: must be a positive int, got {v!r}")
+        integer(name, v, lo=1)
     if d_model % n_heads:
         raise ValueError(f"d_model: must be a multiple of n_heads={n_heads}, got {d_model}")
     tok = tok or make_tokenizer()
@@ -66,14 +67,17 @@ def encode_batch(tok, task, examples: Sequence, with_response: bool = True) -> d
     L = P + (G if with_response else 0)
     ids = torch.full((B, L), pad, dtype=torch.long)
     am = torch.zeros(B, L, dtype=torch.long)
-    for i, ex in enumerate(examples):
-        p = tok(ex.prompt)["input_ids"]
+    # one tokenizer call per batch, not per example (this runs every training step); none for no examples
+    prompts = tok([ex.prompt for ex in examples])["input_ids"] if B else []
+    if with_response and B:
+        responses = tok([ex.response for ex in examples], add_special_tokens=False)["input_ids"]
+    for i, (ex, p) in enumerate(zip(examples, prompts)):
         if len(p) > P:
             raise ValueError(f"prompt {ex.prompt!r}: {len(p)} tokens, more than the task's width {P}")
         ids[i, P - len(p):P] = torch.tensor(p)
         am[i, P - len(p):] = 1
         if with_response:
-            r = tok(ex.response, add_special_tokens=False)["input_ids"]
+            r = responses[i]
             if len(r) >= G:
                 raise ValueError(f"response {ex.response!r}: {len(r)} tokens, no room for <eos> in gen_length {G}")
             ids[i, P:P + len(r)] = torch.tensor(r)
@@ -125,9 +129,9 @@ def train(model, tok, task, *, steps: int = 2000, batch_size: int = 64, lr: floa
     """Train `model` in place for `steps` optimizer steps (or until `minutes` run out: the
     learning-rate schedule then follows the estimated number of steps that fit).
     Returns a TrainLog; the model is left in eval mode."""
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("warmup", warmup), ("log_every", log_every)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "warmup" else 1):
-            raise ValueError(f"{name}: must be a positive int, got {v!r}")
+    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0),
+                        ("log_every", log_every, 1)):
+        integer(name, v, lo=lo)
     if not lr > 0:
         raise ValueError(f"lr: must be > 0, got {lr!r}")
     if minutes is not None and not minutes > 0:

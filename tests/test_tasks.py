@@ -70,7 +70,7 @@ def test_countdown_checker_accepts_any_correct_expression():
     assert not check_countdown("3+5*2", [3, 5, 2], 16)            # wrong value
     assert not check_countdown("(3+5)*2*2", [3, 5, 2], 32)        # 2 used twice
     assert not check_countdown("(3+5)*4", [3, 5, 2], 32)          # 4 not given
-    assert not check_countdown("7/2*2", [7, 2, 2], 7) or safe_arith("7/2*2")[0] == 7   # exact fractions
+    assert check_countdown("7/2*2", [7, 2, 2], 7) and safe_arith("7/2*2")[0] == 7     # exact fractions
     assert safe_arith("7/2")[0] == pytest.approx(3.5)
 
 
@@ -84,7 +84,7 @@ def test_countdown_checker_rejects_bad_and_unsafe_text_fast(text):
     t0 = time.perf_counter()
     assert not check_countdown(text, [1, 2, 3, 5, 7, 9, 10, 16, 30], 16)
     assert time.perf_counter() - t0 < 0.5
-    assert safe_arith(text) is None or text in ("+3",) or safe_arith(text)[0] != 16
+    assert safe_arith(text) is None
 
 
 def test_safe_arith_never_evaluates(monkeypatch):

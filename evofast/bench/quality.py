@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ..cli import keeps_torch_threads
 from . import _common
 
 HELP = "trained-model quality: {base, CTS} x {hard, evotoken} x {caches} x {steps}: accuracy, tokens/s"
@@ -96,7 +97,7 @@ def _ensure_base(args, task, device) -> Path:
     return out
 
 
-def _ensure_cts(args, task, base: Path, device) -> tuple[Optional[Path], Optional[str]]:
+def _ensure_cts(args, task, base: Path) -> tuple[Optional[Path], Optional[str]]:
     """(CTS model directory, None) or (None, why it is skipped)."""
     if args.cts == "skip":
         return None, "CTS left out (--cts skip)"
@@ -104,10 +105,10 @@ def _ensure_cts(args, task, base: Path, device) -> tuple[Optional[Path], Optiona
         return Path(args.cts), None
     if importlib.util.find_spec("evofast.cts") is None or importlib.util.find_spec("evofast.cli_train_cts") is None:
         return None, "skipped: evofast.cts / evofast train-cts is not built yet"
+    import hashlib
     import shlex
 
     from .. import cli
-    import hashlib
     recipe = f"eos-padded|{args.cts_args}|{args.cts_examples}|{args.seed}"   # a new recipe trains a new model
     out = base.parent / f"cts-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
     if (out / "model.safetensors").exists():
@@ -139,11 +140,16 @@ def configurations(task, args) -> list:
     return out
 
 
+def _row(mode, alpha, cache, steps) -> dict:
+    """The settings columns of a row."""
+    return {"mode": mode, "alpha": alpha, "k_soft": K_SOFT if mode == "evotoken" else None, "cache": cache,
+            "steps": steps}
+
+
 def score(model, tok, task, mode, alpha, cache, steps, args) -> dict:
     """One row: evaluate() on the fixed test set, or the reason it was skipped."""
     from ..evaluate import evaluate
-    row = {"mode": mode, "alpha": alpha, "k_soft": K_SOFT if mode == "evotoken" else None, "cache": cache,
-           "steps": steps}
+    row = _row(mode, alpha, cache, steps)
     contention = _common.CpuContention()
     try:
         res = evaluate(model, tok, task, n=args.problems, seed=args.seed, mode=mode,
@@ -199,6 +205,7 @@ def plot(rows: list, path, title: str) -> Path:
     return _common.save_figure(fig, path)
 
 
+@keeps_torch_threads
 def run(args: argparse.Namespace) -> int:
     from ..cli_eval import load_model_and_task
     from ..tasks import parse_task
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     env = _common.environment(device)
     t_start = time.perf_counter()
     base = _ensure_base(args, task, device)
-    cts_dir, cts_note = _ensure_cts(args, task, base, device)
+    cts_dir, cts_note = _ensure_cts(args, task, base)
     models = [("base", base)] + ([("cts", cts_dir)] if cts_dir else [])
     notes = [] if cts_note is None else [f"cts: {cts_note}"]
     rows = []
@@ -239,8 +246,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     if cts_note is not None and args.cts != "skip":        # listed, so the table shows what is missing
         for mode, alpha, cache, steps in confs:
-            rows.append({"model": "cts", "mode": mode, "alpha": alpha, "k_soft": K_SOFT if alpha else None,
-                         "cache": cache, "steps": steps, "skipped": cts_note})
+            rows.append({"model": "cts", **_row(mode, alpha, cache, steps), "skipped": cts_note})
     skipped_caches = sorted({r["cache"] for r in rows if r.get("skipped", "").startswith("NotImplementedError")})
     if skipped_caches:
         notes.append(f"caches {skipped_caches}: skipped, evofast.generate raises NotImplementedError for them here")

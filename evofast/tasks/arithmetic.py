@@ -29,19 +29,27 @@ def _operand(rng: random.Random, max_digits: int) -> int:
     return rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1)
 
 
-class Addition(Task):
+class _ColumnTask(Task):
+    """What addition and multiplication share: `digits`, and the response length of one
+    step per column and an answer of up to digits + 1 digits."""
+
+    def __init__(self, digits: int = 3):
+        self.digits = _digits("digits", digits)
+        steps = self.digits * 9 - 1                      # "a+b+c=ss," / "a*b+c=ss," per column
+        self.gen_length = -(-(steps + 1 + self.digits + 1 + 1) // 8) * 8   # ';', answer, eos; multiple of 8
+
+    def params(self) -> dict:
+        return {"digits": self.digits}
+
+
+class Addition(_ColumnTask):
     """a + b with a, b of 1..digits digits."""
 
     name = "add"
 
     def __init__(self, digits: int = 3):
-        self.digits = _digits("digits", digits)
+        super().__init__(digits)
         self.prompt_length = 2 * self.digits + 2            # "ddd+ddd="
-        steps = self.digits * 9 - 1                      # "a+b+c=ss," per column
-        self.gen_length = -(-(steps + 1 + self.digits + 1 + 1) // 8) * 8   # ';', answer, eos; multiple of 8
-
-    def params(self) -> dict:
-        return {"digits": self.digits}
 
     def make(self, rng: random.Random) -> Example:
         a, b = _operand(rng, self.digits), _operand(rng, self.digits)
@@ -59,19 +67,14 @@ class Addition(Task):
         return Example(f"{sa}+{sb}=", ",".join(steps) + f";{a + b}", str(a + b))
 
 
-class Multiplication(Task):
+class Multiplication(_ColumnTask):
     """a * b with a of 1..digits digits and b a single digit."""
 
     name = "mul"
 
     def __init__(self, digits: int = 3):
-        self.digits = _digits("digits", digits)
-        self.prompt_length = self.digits + 3
-        steps = self.digits * 9 - 1                      # "a*b+c=ss," per column
-        self.gen_length = -(-(steps + 1 + self.digits + 1 + 1) // 8) * 8
-
-    def params(self) -> dict:
-        return {"digits": self.digits}
+        super().__init__(digits)
+        self.prompt_length = self.digits + 3                 # "ddd*d="
 
     def make(self, rng: random.Random) -> Example:
         return self.example(_operand(rng, self.digits), rng.randint(0, 9))

@@ -9,6 +9,7 @@ code, raise, or take long.
 from __future__ import annotations
 
 import ast
+import operator
 import random
 from collections import Counter
 from fractions import Fraction
@@ -23,7 +24,8 @@ MAX_LITERAL = 10 ** 6
 MAX_VALUE = 10 ** 12          # intermediate values beyond this are rejected (no huge products)
 
 _ALLOWED = set("0123456789+-*/() ")
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+_ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
 class _Reject(Exception):
@@ -95,7 +97,7 @@ def make_countdown(rng: random.Random, count: int = 3, lo: int = 1, hi: int = 12
             op = rng.choice("+-*/")
             if op == "/" and (n == 0 or (value / n).denominator != 1):
                 op = "+"
-            new = {"+": value + n, "-": value - n, "*": value * n, "/": value / n if n else value}[op]
+            new = _ARITH[op](value, n)
             # parenthesise the left side when the new operator binds tighter than its last one
             if op in "*/" and any(c in expr for c in "+-"):
                 expr = f"({expr})"
