@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let transformers run the checkpoint's own model / tokenizer code")
     parser.add_argument("--mask-id", type=int, default=None, help="mask token id (default: config, then tokenizer)")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -86,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
         records = load_jsonl(args.data) if args.data else [{"prompt": p, "response": r} for p, r in DEMO]
     except (OSError, ValueError) as e:
         return err(f"cannot read --data: {e}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .bench._common import pick_device
+    try:
+        device = pick_device(args.device)
+    except (RuntimeError, SystemExit) as e:
+        return err(f"--device {args.device}: {e}")
     try:
         if args.model == "tiny":
             print(TINY_NOTE, file=sys.stderr)

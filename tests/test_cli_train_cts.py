@@ -45,6 +45,8 @@ def test_cli_bad_input(tmp_path, capsys):
     capsys.readouterr()
     assert cli_train_cts.main(["--model", "tiny", "--extra-pad-prob", "1.5", "--steps", "1"]) == 2
     assert "extra_pad_prob" in capsys.readouterr().err                  # reaches the collator's check
+    assert cli_train_cts.main(["--model", "tiny", "--device", "nowhere"]) == 2
+    assert "--device" in capsys.readouterr().err
 
 
 def test_train_cts_python_api_adapter_only(tmp_path):

@@ -19,6 +19,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -422,3 +423,53 @@ def save_figure(fig, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class PeakMemory:
+    """Peak memory of a region in MiB above its start: CUDA `max_memory_allocated`; CPU the
+    resident set size, sampled every 2 ms by a thread (/proc/self/statm, else psutil)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib: Optional[float] = None
+
+    @staticmethod
+    def _rss() -> Optional[int]:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            try:
+                import psutil
+                return psutil.Process().memory_info().rss
+            except Exception:                                 # noqa: BLE001
+                return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.start = reset_peak_memory(self.device)
+            return self
+        self.start = self._rss()
+        self.peak = self.start
+        self.stop = threading.Event()
+
+        def sample():
+            while not self.stop.wait(0.002):
+                r = self._rss()
+                if r is not None and r > self.peak:
+                    self.peak = r
+        self.thread = threading.Thread(target=sample, daemon=True)
+        if self.start is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = peak_memory_since(self.device, self.start)
+            return
+        if self.start is None:
+            return
+        self.stop.set()
+        self.thread.join()
+        r = self._rss()
+        self.mib = (max(self.peak, r or 0) - self.start) / 2**20

@@ -137,8 +137,6 @@ def step_fn(provider: str, model, batch, alphas):
 def run_provider(shape_name: str, provider: str, device: str, repeat: Optional[int], warmup: int,
                  budget: Optional[float], timed: bool = True, memory: bool = True, retry_busy: int = 0) -> dict:
     """What is measured for one provider in this process (see the module docstring)."""
-    from .generate import PeakMemory
-
     shape = SHAPES[shape_name]
     dev = torch.device(device)
     if dev.type == "cpu" and shape.name == "tiny":
@@ -153,12 +151,12 @@ def run_provider(shape_name: str, provider: str, device: str, repeat: Optional[i
         _common.synchronize(dev)
         # warm-up: allocates the LoRA grads and any workspace a provider keeps between
         # steps; both count, so its peak is taken too
-        with PeakMemory(dev) as first:
+        with _common.PeakMemory(dev) as first:
             loss = step()
         grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
         if memory:
             _common.synchronize(dev)
-            with PeakMemory(dev) as mem:
+            with _common.PeakMemory(dev) as mem:
                 step()
             row["peak_mib"] = max(mem.mib, first.mib)
         if timed:

@@ -34,9 +34,7 @@ step).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -192,56 +190,6 @@ class timed_evo_step:
         generation._evo_step = self.orig
 
 
-class PeakMemory:
-    """Peak memory of a region in MiB above its start: CUDA `max_memory_allocated`; CPU the
-    resident set size, sampled every 2 ms by a thread (/proc/self/statm, else psutil)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.mib: Optional[float] = None
-
-    @staticmethod
-    def _rss() -> Optional[int]:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            try:
-                import psutil
-                return psutil.Process().memory_info().rss
-            except Exception:                                 # noqa: BLE001
-                return None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            self.start = _common.reset_peak_memory(self.device)
-            return self
-        self.start = self._rss()
-        self.peak = self.start
-        self.stop = threading.Event()
-
-        def sample():
-            while not self.stop.wait(0.002):
-                r = self._rss()
-                if r is not None and r > self.peak:
-                    self.peak = r
-        self.thread = threading.Thread(target=sample, daemon=True)
-        if self.start is not None:
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.mib = _common.peak_memory_since(self.device, self.start)
-            return
-        if self.start is None:
-            return
-        self.stop.set()
-        self.thread.join()
-        r = self._rss()
-        self.mib = (max(self.peak, r or 0) - self.start) / 2**20
-
-
 # --------------------------------------------------------------------------- one case
 def provider_names() -> list:
     return [AUTHORS, *(f"evofast-{b}" for b in _backend.BACKENDS)]
@@ -312,7 +260,7 @@ def bench_case(shape: GenShape, B: int, model, device: torch.device, providers: 
                                     cache=None if cache == "none" else cache, compile=compile, **kw)
             try:
                 timer, step_timer = SyncTimer(device), SyncTimer(device)
-                with PeakMemory(device) as mem, timed_evo_step(step_timer):
+                with _common.PeakMemory(device) as mem, timed_evo_step(step_timer):
                     t0 = time.perf_counter()
                     outputs[(name, cache)] = run(timer)           # instrumented run (also the warm-up)
                     _common.synchronize(device)

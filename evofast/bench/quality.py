@@ -116,7 +116,8 @@ def _ensure_cts(args, task, base: Path) -> tuple[Optional[Path], Optional[str]]:
         return out, None
     data = task.write_jsonl(base.parent / "train.jsonl", args.cts_examples, seed=args.seed + 1)
     argv = ["train-cts", "--model", str(base), "--data", str(data), "--out", str(out), "--no-chat-template",
-            "--block-sizes", str(task.block_length), "--seed", str(args.seed), *shlex.split(args.cts_args)]
+            "--block-sizes", str(task.block_length), "--seed", str(args.seed), "--device", args.device,
+            *shlex.split(args.cts_args)]
     _log(f"bench quality: evofast {' '.join(argv)}")
     if cli.main(argv) != 0:
         return None, f"skipped: `evofast {' '.join(argv)}` failed"

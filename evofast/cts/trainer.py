@@ -168,7 +168,8 @@ def train_cts(model, tokenizer, examples, *, output_dir: Optional[str] = None, l
         max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         learning_rate=lr, weight_decay=weight_decay, bf16=bf16,
         logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        disable_tqdm=not progress, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress, remove_unused_columns=False,
+        use_cpu=next(model.parameters()).device.type == "cpu",   # train where the model is
         **training_kwargs)
     log = _LossLog(on_loss)
     trainer = CTSTrainer(model=trained, args=args, train_dataset=list(examples), data_collator=collator,
