@@ -109,14 +109,7 @@ class DreamAdapter(HFAdapter):
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 logits_from: int = 0) -> Tensor:
         B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
-        problem = self.unsupported(self.model)  # the attention implementation can change after patch
-        if problem is not None:
-            raise TypeError(f"evofast dream adapter: {type(self.model).__name__}: {problem}")
-        ref = input_ids if input_ids is not None else inputs_embeds
-        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.input_embeddings().weight.dtype
-        keep = keep_mask(attention_mask)
-        bias = additive_key_bias(keep, B, L, dtype, ref.device)
-        positions = default_positions(attention_mask, position_ids, L, ref.device).expand(B, L)
+        keep, bias, positions = self._masks(B, L, input_ids, inputs_embeds, attention_mask, position_ids)
         out = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
                                position_ids=positions, use_cache=False, output_attentions=False,
                                output_hidden_states=False, return_dict=True)
@@ -146,17 +139,10 @@ class DreamAdapter(HFAdapter):
         if self.shift_logits and start > 0 and lo == 0:
             raise ValueError(f"logits_from: with shift_logits the logits of row {start} read row {start - 1}, "
                              f"outside the window starting at {start} (start the window one row earlier)")
-        problem = self.unsupported(self.model)
-        if problem is not None:
-            raise TypeError(f"evofast dream adapter: {type(self.model).__name__}: {problem}")
-        ref = input_ids if input_ids is not None else inputs_embeds
-        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.input_embeddings().weight.dtype
-        keep = keep_mask(attention_mask)
-        bias = additive_key_bias(keep, b, L, dtype, ref.device)
+        keep, bias, positions = self._masks(b, L, input_ids, inputs_embeds, attention_mask, position_ids)
         from transformers import Qwen2Model
         if isinstance(self.model.model, Qwen2Model):
             bias = {"full_attention": bias}  # transformers' ready mapping: no causal mask is built
-        positions = default_positions(attention_mask, position_ids, L, ref.device).expand(b, L)
         out = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
                                position_ids=positions[:, start:start + n],
                                past_key_values=transformers_cache(cache, start), use_cache=False,
@@ -165,6 +151,20 @@ class DreamAdapter(HFAdapter):
         if self.shift_logits:
             return self.model.lm_head(self._shift(hidden, keep, start + lo, offset=start)[:, :hi - lo])
         return self.model.lm_head(hidden[:, lo:hi])
+
+    def _masks(self, B: int, L: int, input_ids, inputs_embeds, attention_mask, position_ids):
+        """(keep, additive key bias, positions (B, L)) of a forward over a sequence of L positions;
+        checks first that the model is still supported (its attention implementation can change
+        after patch)."""
+        problem = self.unsupported(self.model)
+        if problem is not None:
+            raise TypeError(f"evofast dream adapter: {type(self.model).__name__}: {problem}")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.input_embeddings().weight.dtype
+        keep = keep_mask(attention_mask)
+        bias = additive_key_bias(keep, B, L, dtype, ref.device)
+        positions = default_positions(attention_mask, position_ids, L, ref.device).expand(B, L)
+        return keep, bias, positions
 
     @staticmethod
     def _shift(hidden: Tensor, keep: Optional[Tensor], logits_from: int, offset: int = 0) -> Tensor:
