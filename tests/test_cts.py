@@ -219,6 +219,36 @@ def test_bench_cts_providers_run_and_agree():
     assert abs(rows["eager"]["loss"] - rows["evofast"]["loss"]) < 1e-4
 
 
+@pytest.mark.parametrize("K", [1, 4])
+def test_bench_cts_gpu_build_runs_on_the_cpu(K):
+    """The llada-8b path of the benchmark (fast random weights, bf16, gradient checkpointing,
+    LoRA), at the tiny size on the CPU: both providers step and agree. One step (K = 1) agrees
+    to bf16 rounding; over K = 4 a bf16 near-tie can pick a different argmax and so a different
+    trajectory, so there only the loss is compared (to 1 %)."""
+    import dataclasses
+
+    from evofast.bench import cts as bench_cts
+    shape = dataclasses.replace(bench_cts.SHAPES["tiny"], dtype="bf16", checkpointing=True, K=K)
+    losses, grads = {}, {}
+    for provider in bench_cts.PROVIDERS:
+        model, batch, alphas = bench_cts.build(shape, torch.device("cpu"), fast_init=True)
+        assert next(model.parameters()).dtype == torch.bfloat16
+        assert model.get_base_model().is_gradient_checkpointing
+        losses[provider] = float(bench_cts.step_fn(provider, model, batch, alphas)())
+        grads[provider] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(losses["eager"] - losses["evofast"]) < 1e-2 * abs(losses["eager"])
+    assert grads["eager"].keys() == grads["evofast"].keys() and grads["eager"]
+    for name, g in grads["eager"].items():
+        h = grads["evofast"][name]
+        assert bool(torch.isfinite(h).all())
+        if "lora_A" in name:                 # B = 0 at init: no gradient reaches A
+            assert float(g.abs().max()) == float(h.abs().max()) == 0.0, name
+        else:
+            assert float(h.abs().max()) > 0, name
+            if K == 1:
+                assert F.cosine_similarity(g.flatten(), h.flatten(), dim=0) > 0.999, name
+
+
 @pytest.mark.parametrize("which", ["native", "native-tied-scaled", "remote"])
 def test_adapter_hidden_states_and_output_head_give_the_forward_logits(which):
     """What cts_loss reads (hidden states + head) equals the adapter's logits, padding and all."""

@@ -189,6 +189,27 @@ def test_llada_8b_layout_on_meta(tmp_path):
             assert saved[key] == value, key
 
 
+@pytest.mark.parametrize("norm", ["rms", "gemma_rms", "default"])
+def test_random_weights_builds_in_the_target_dtype_with_identity_norms(norm):
+    """The benchmarks' fast build (meta device, filled in place): seeded, in dtype, norms the identity."""
+    cfg = LLaDAConfig(vocab_size=64, embedding_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=2,
+                      mlp_hidden_size=48, mask_token_id=63, layer_norm_type=norm, include_bias=norm == "default")
+    a = llada.random_weights(cfg, "cpu", torch.bfloat16, seed=3)
+    b = llada.random_weights(cfg, torch.device("cpu"), torch.bfloat16, seed=3)
+    assert not a.training and all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in a.parameters())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    for m in a.modules():
+        if isinstance(m, llada.LLaDALayerNorm):
+            x = torch.randn(3, 16, dtype=torch.bfloat16)
+            ref = (F.layer_norm(x.float(), (16,)) if norm == "default"
+                   else x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + m.eps))
+            torch.testing.assert_close(m(x).float(), ref, atol=2e-2, rtol=2e-2)
+    w = a.model.transformer.blocks[0].q_proj.weight.float()
+    assert 0.015 < float(w.std()) < 0.025
+    assert bool(torch.isfinite(a(input_ids=torch.tensor([[1, 2, 3]])).logits).all())
+
+
 def test_tiny_defaults_and_determinism():
     m = llada.tiny()
     assert m.config.vocab_size == m.config.embedding_size == 126464

@@ -74,8 +74,9 @@ SHAPES = {
 
 
 # --------------------------------------------------------------------------- one provider (child process)
-def build(shape: CTSShape, device: torch.device, seed: int = 0):
-    """(LoRA-wrapped model in train mode, batch, alphas) for the shape, the same for the same seed."""
+def build(shape: CTSShape, device: torch.device, seed: int = 0, fast_init: Optional[bool] = None):
+    """(LoRA-wrapped model in train mode, batch, alphas) for the shape, the same for the same seed.
+    `fast_init` (default: off the CPU): `llada.random_weights` instead of `llada.tiny`'s init."""
     import warnings
 
     from ..cts import CTSCollator
@@ -86,25 +87,11 @@ def build(shape: CTSShape, device: torch.device, seed: int = 0):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[shape.dtype]
     cfg = dict(vocab_size=shape.vocab, d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads,
                mlp_hidden_size=shape.mlp or 3 * shape.d_model)
-    if device.type == "cpu":
+    if not (device.type != "cpu" if fast_init is None else fast_init):
         model = llada.tiny(dtype=dtype, seed=seed, **cfg)
-    else:   # built on meta, materialised on the GPU in the target dtype, random normal weights
-        full = dict(cfg, embedding_size=shape.vocab, n_kv_heads=shape.n_heads, mask_token_id=shape.mask_id)
-        old = torch.get_default_dtype()
-        try:
-            torch.set_default_dtype(dtype)          # materialise straight in bf16 (16 GB, not 32 + 16)
-            with torch.device("meta"):
-                model = llada.LLaDAModelLM(llada.LLaDAConfig(**full))
-        finally:
-            torch.set_default_dtype(old)
-        model = model.to_empty(device=device).to(dtype)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight") or "ln_f" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
+    else:
+        model = llada.random_weights(llada.LLaDAConfig(**cfg, embedding_size=shape.vocab, n_kv_heads=shape.n_heads,
+                                                       mask_token_id=shape.mask_id), device, dtype, seed)
     torch.manual_seed(seed)              # peft draws LoRA A from the global RNG: the same in every process
     model = add_lora(model, shape.lora_r)           # alpha 2 r on q / k / v
     if shape.checkpointing:

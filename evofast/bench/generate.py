@@ -91,9 +91,8 @@ def build_model(shape: GenShape, device: torch.device, dtype: torch.dtype, seed:
                 fast_init: Optional[bool] = None):
     """A random-weight evofast LLaDA model of the shape, in eval mode, on `device`.
 
-    `fast_init` (default: off the CPU): the model is built on the meta device (no
-    memory, no init) and materialised on `device` in `dtype` with a cheap random init
-    there (normal, std 0.02; norms 1), so an 8B model takes seconds, not minutes.
+    `fast_init` (default: off the CPU): `llada.random_weights` (built on the meta
+    device, filled on `device` in `dtype`: an 8B model in seconds, not minutes).
     Otherwise `llada.tiny` (LLaDA's own init)."""
     from ..models import llada
 
@@ -106,17 +105,7 @@ def build_model(shape: GenShape, device: torch.device, dtype: torch.dtype, seed:
     cfg = llada.LLaDAConfig(vocab_size=shape.vocab, embedding_size=shape.vocab, d_model=shape.d_model,
                             n_layers=shape.n_layers, n_heads=shape.n_heads, n_kv_heads=shape.n_heads,
                             mlp_hidden_size=shape.mlp or 3 * shape.d_model, mask_token_id=shape.mask_id)
-    with torch.device("meta"):
-        model = llada.LLaDAModelLM(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or ".ln_f." in name or name.endswith("ln_f.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
+    return llada.random_weights(cfg, device, dtype, seed)
 
 
 # --------------------------------------------------------------------------- instrumentation

@@ -56,7 +56,7 @@ from transformers import initialization as hf_init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-__all__ = ["LLaDAConfig", "LLaDAModel", "LLaDAModelLM", "LLaDABlock", "tiny", "register",
+__all__ = ["LLaDAConfig", "LLaDAModel", "LLaDAModelLM", "LLaDABlock", "tiny", "random_weights", "register",
            "LLADA_MASK_ID", "LLADA_VOCAB_SIZE"]
 
 LLADA_VOCAB_SIZE = 126464
@@ -543,6 +543,32 @@ def tiny(vocab_size: int = LLADA_VOCAB_SIZE, d_model: int = 64, n_layers: int = 
         torch.manual_seed(seed)
         model = LLaDAModelLM(config)
     return model.to(dtype).eval()
+
+
+def random_weights(config: LLaDAConfig, device, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> LLaDAModelLM:
+    """A model of ``config`` with cheap random weights, built for benchmarks at full size.
+
+    Built on the meta device (no memory, no init), allocated once on ``device``
+    in ``dtype`` (an 8B model in bf16 takes 16 GB, never an fp32 copy), then
+    filled from a generator on that device: normal(0, 0.02), norm weights 1.
+    Seconds at LLaDA-8B size where ``tiny``'s init takes minutes. Eval mode.
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = LLaDAModelLM(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # norms start as the identity: weight 1 (gemma_rms scales by 1 + w: 0), bias 0
+    identity = {id(m.weight): float(m.kind != "gemma_rms") for m in model.modules()
+                if isinstance(m, LLaDALayerNorm) and m.weight is not None}
+    identity.update({id(m.bias): 0.0 for m in model.modules() if isinstance(m, LLaDALayerNorm) and m.bias is not None})
+    with torch.no_grad():
+        for param in model.parameters():
+            if id(param) in identity:
+                param.fill_(identity[id(param)])
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
 
 
 def register() -> None:
