@@ -157,6 +157,10 @@ def test_forward_cached_errors(case):
     if ad.cache_lead:                                         # Dream: row i reads row i - 1
         with pytest.raises(ValueError, match="one row earlier"):
             ad.forward_cached(cache=c, start=2, input_ids=ids)
+    if ad.max_length is not None:                             # a cache longer than the model's positions
+        long = BlockKVCache(*_layout(ad, 1, ad.max_length + 1), dtype=c.dtype)
+        with pytest.raises(ValueError, match="exceeds the model's maximum"):
+            ad.forward_cached(cache=long, start=ad.max_length - 3, input_ids=ids[:1])
 
 
 GEN = dict(gen_length=12, block_length=4, steps=6)

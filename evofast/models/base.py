@@ -178,7 +178,7 @@ def check_inputs(input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor], a
 
 def check_cached(cache, start: int, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
                  attention_mask: Optional[Tensor], position_ids: Optional[Tensor], logits_from: Optional[int],
-                 logits_to: Optional[int]):
+                 logits_to: Optional[int], max_length: Optional[int] = None):
     """Validate `Adapter.forward_cached`'s arguments; -> (b, n, L, logits_from, logits_to) with
     the logits bounds made relative to the window. ValueErrors naming the argument."""
     from ..cache import BlockKVCache
@@ -195,7 +195,7 @@ def check_cached(cache, start: int, input_ids: Optional[Tensor], inputs_embeds: 
         raise ValueError(f"input: {b} rows, the cache holds {cache.batch}")
     if not (0 <= start and start + n <= L):
         raise ValueError(f"start: window [{start}, {start + n}) outside the cached length {L}")
-    check_inputs(torch.empty(b, L, dtype=torch.long, device="meta"), None, attention_mask, position_ids, 0)
+    check_inputs(torch.empty(b, L, dtype=torch.long, device="meta"), None, attention_mask, position_ids, 0, max_length)
     lo = start if logits_from is None else logits_from
     hi = start + n if logits_to is None else logits_to
     if not start <= lo <= hi <= start + n:

@@ -135,7 +135,7 @@ class DreamAdapter(HFAdapter):
                        logits_to: Optional[int] = None) -> Tensor:
         from ..cache import transformers_cache
         b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to)
+                                       logits_from, logits_to, self.max_length)
         if self.shift_logits and start > 0 and lo == 0:
             raise ValueError(f"logits_from: with shift_logits the logits of row {start} read row {start - 1}, "
                              f"outside the window starting at {start} (start the window one row earlier)")

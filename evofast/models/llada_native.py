@@ -87,7 +87,7 @@ class LLaDANativeAdapter(HFAdapter):
                        position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
                        logits_to: Optional[int] = None) -> Tensor:
         b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to)
+                                       logits_from, logits_to, self.max_length)
         hidden = self._body(input_ids, inputs_embeds, attention_mask, position_ids, L, kv_cache=cache,
                             cache_start=start)
         return self.model.compute_logits(hidden[:, lo:hi])

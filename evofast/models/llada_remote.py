@@ -241,7 +241,7 @@ class LLaDARemoteAdapter(HFAdapter):
                        position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
                        logits_to: Optional[int] = None) -> Tensor:
         b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to)
+                                       logits_from, logits_to, self.max_length)
         ref = input_ids if input_ids is not None else inputs_embeds
         keep = keep_mask(attention_mask)
         positions = default_positions(attention_mask, position_ids, L, ref.device)[:, start:start + n]

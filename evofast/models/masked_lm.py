@@ -101,7 +101,7 @@ class _MaskedLMAdapter(HFAdapter):
             return super().forward_cached(cache=cache, start=start)
         from ..cache import transformers_cache
         b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to)
+                                       logits_from, logits_to, self.max_length)
         ref = input_ids if input_ids is not None else inputs_embeds
         keep = keep_mask(attention_mask)
         positions = self.model_positions(default_positions(attention_mask, position_ids, L, ref.device))
