@@ -126,13 +126,9 @@ def encode_prompts(tok, prompts, chat: bool, device):
     """Token ids (B, P) left-padded, attention mask (B, P) or None."""
     import torch
 
-    rows = []
-    for text in prompts:
-        if chat and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=False)
-        ids = tok(text)["input_ids"]
-        rows.append(list(ids))
+    from .chat import prompt_ids
+
+    rows = [prompt_ids(tok, text, chat) for text in prompts]
     P = max(len(r) for r in rows)
     pad = next((v for v in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
                 if v is not None), 0)

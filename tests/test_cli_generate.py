@@ -103,15 +103,17 @@ def test_command_table_entry():
 
 def _save_char_tokenizer(path, chat_template=None):
     """A transformers fast tokenizer with the tiny model's character vocabulary, saved to `path`."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, processors
     from transformers import PreTrainedTokenizerFast
 
     from evofast.models.tiny_tokenizer import CharTokenizer
     ct = CharTokenizer()
     vocab = {t: i for i, t in enumerate(ct.tokens)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-                                  unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<eos>",
-                                  mask_token="<mask>")
+    inner = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    # like LLaMA-style tokenizers, it puts a BOS in front of every text it encodes
+    inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<eos>", mask_token="<mask>")
     if chat_template:
         tok.chat_template = chat_template
     tok.save_pretrained(path)
@@ -138,7 +140,10 @@ def test_checkpoint_directory(tmp_path, capsys, chat):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                    tokenize=False) if chat else "hi"
     assert text.startswith("<bos>Q: hi") if chat else True
-    ids = torch.tensor([tok(text)["input_ids"]])
+    # the template's own BOS, or the tokenizer's: one, never two
+    ids = tok(text, add_special_tokens=not chat)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    ids = torch.tensor([ids])
     want = generate(model, ids, gen_length=8, block_length=8, steps=4)
     assert out == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
 

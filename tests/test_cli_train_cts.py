@@ -63,6 +63,28 @@ def test_train_cts_python_api_adapter_only(tmp_path):
     assert len(losses) == 2 and (tmp_path / "adapter_config.json").exists()
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_training_prompts_are_the_prompts_generate_feeds(tmp_path, chat):
+    """CTS examples start with exactly the ids `evofast generate` gives the model for the same
+    prompt (one BOS, from the template or the tokenizer), and hold the response after them."""
+    from test_cli_generate import _save_char_tokenizer
+
+    from evofast.chat import prompt_ids
+    from evofast.cli_generate import encode_prompts
+    from evofast.cts import encode_examples
+    template = ("<bos>{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}a: {% endif %}")
+    tok = _save_char_tokenizer(tmp_path, template if chat else None)
+    ex = encode_examples(tok, [{"prompt": "hi", "response": "yo"}], chat=chat)[0]
+    ids, P = ex["input_ids"].tolist(), ex["prompt_length"]
+    gen_ids, _ = encode_prompts(tok, ["hi"], chat, "cpu")
+    assert ids[:P] == gen_ids[0].tolist() == prompt_ids(tok, "hi", chat)
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    tail = tok("yo\n", add_special_tokens=False)["input_ids"] if chat else \
+        tok("yo", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids[P:] == tail
+
+
 WORKER = textwrap.dedent("""
     import json, os, sys, warnings
     warnings.simplefilter("ignore")

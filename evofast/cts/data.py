@@ -3,8 +3,9 @@
 With a chat template (and `chat=True`) the example is the template applied to a
 user turn and an assistant turn, and the prompt is the template applied to the
 user turn with the generation prompt (as the authors' preprocessing does); the
-prompt length is counted on that prefix. Without one: the prompt's ids, then the
-response's ids without special tokens, then eos.
+prompt length is counted on that prefix; the template's text is tokenized without
+adding special tokens (it holds its own, see `evofast.chat`). Without one: the
+prompt's ids, then the response's ids without special tokens, then eos.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from ..chat import chat_text, has_template, prompt_ids
 
 
 def load_jsonl(path) -> list:
@@ -36,24 +39,22 @@ def load_jsonl(path) -> list:
     return records
 
 
-def _ids(tokenizer, text: str, special: bool) -> list:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def _ids(tokenizer, text: str) -> list:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_example(tokenizer, prompt: str, response: str, *, chat: bool = True) -> dict:
-    """One `{"input_ids": LongTensor (n,), "prompt_length": int}` example."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-        p_ids = _ids(tokenizer, head, False)
+    """One `{"input_ids": LongTensor (n,), "prompt_length": int}` example; the prompt's ids are
+    those `evofast generate` feeds the model (`evofast.chat.prompt_ids`)."""
+    p_ids = prompt_ids(tokenizer, prompt, chat)
+    if chat and has_template(tokenizer):
+        head, full = chat_text(tokenizer, prompt), chat_text(tokenizer, prompt, response)
         if full.startswith(head):
-            ids = p_ids + _ids(tokenizer, full[len(head):], False)
+            ids = p_ids + _ids(tokenizer, full[len(head):])
         else:  # a template whose full conversation does not extend the prompt text
-            ids = _ids(tokenizer, full, False)
+            ids = _ids(tokenizer, full)
     else:
-        p_ids = _ids(tokenizer, prompt, True)
-        ids = p_ids + _ids(tokenizer, response, False)
+        ids = p_ids + _ids(tokenizer, response)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is not None:
             ids.append(int(eos))
