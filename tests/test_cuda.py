@@ -144,20 +144,29 @@ def test_evo_step_variants_match_cpu(cuda_ops, monkeypatch, case, V, shape):
     assert_same_step(got, exp, dtype, inp)
 
 
-HIST_ENV = "EVOFAST_CUDA_HIST"
+TABLE_ENV = "EVOFAST_CUDA_VALUE_TABLE"
+# launch shapes for the value table: one block per row, and split-V with chunks
+# long enough for the table (126464 / 3) and too short for it (126464 / 7)
+TABLE_SHAPES = {"row": "1", "splitv-table": "3", "splitv-short": "7"}
 
 
-@pytest.mark.parametrize("hist", ["on", "off"])
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("layout", ["contiguous", "noncontig"])
+@pytest.mark.parametrize("table", ["on", "off"])
+@pytest.mark.parametrize("shape", sorted(TABLE_SHAPES))
 @pytest.mark.parametrize("V", [1000, 126464])
-def test_evo_step_bf16_value_histogram(cuda_ops, monkeypatch, V, shape, hist):
-    """bf16 greedy rows take the value-histogram sum (one exp per distinct value);
+def test_evo_step_bf16_value_table(cuda_ops, monkeypatch, V, shape, table, layout):
+    """bf16 greedy rows take exp(v - 2^8) from the value table for 2^-8 <= |v| < 2^8;
     logits outside its range (|v| < 2^-8, |v| >= 2^8, zeros, -inf) take the
-    per-column exp. Both agree with the CPU kernel to float64 rounding."""
-    monkeypatch.setenv(SPLITS_ENV, SHAPES[shape])
-    monkeypatch.setenv(HIST_ENV, "1" if hist == "on" else "0")
-    inp = make_step_inputs(3, 29, V, torch.bfloat16, seed=V + 5)
-    lg = inp["logits"].float()
+    per-column exp. Both agree with the CPU kernel to float64 rounding, with rows
+    aligned to 16 bytes (vector loads) or not (scalar loads), and with logits
+    shifted by -200 (row 2: before the large values are set, so its max is
+    >= 2^8; row 1: after, so every finite value is in the table's range)."""
+    monkeypatch.setenv(SPLITS_ENV, TABLE_SHAPES[shape])
+    monkeypatch.setenv(TABLE_ENV, "1" if table == "on" else "0")
+    inp = make_step_inputs(3, 29, V, torch.bfloat16, seed=V + 5, noncontig=layout == "noncontig")
+    full = inp["logits"].float()
+    lg = full[..., 3:3 + V] if layout == "noncontig" else full
+    lg[2] -= 200.0
     pick = torch.rand(lg.shape, generator=torch.Generator().manual_seed(3))
     lg[pick < 0.01] = 0.0
     lg[(pick >= 0.01) & (pick < 0.02)] *= 1e-3                       # below 2^-8
@@ -166,7 +175,8 @@ def test_evo_step_bf16_value_histogram(cuda_ops, monkeypatch, V, shape, hist):
     lg[(pick >= 0.021) & (pick < 0.022)] = -float("inf")
     lg[0, 0] = -float("inf")                                           # one finite column in this row
     lg[0, 0, 5] = 1.0
-    inp["logits"] = lg.to(torch.bfloat16)
+    lg[1] -= 200.0                          # row 1: every finite value in the table's range, max < 2^8
+    inp["logits"] = full.to(torch.bfloat16)
     got = call_step(cuda_ops, inp, "cuda")
     exp = call_step(cuda_ops, inp, "cpu")
     assert_same_step(got, exp, torch.bfloat16, inp)

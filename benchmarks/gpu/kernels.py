@@ -98,7 +98,7 @@ def main():
                        triton=triton.__version__,
                        driver=sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
                        commit=sh(["git", "rev-parse", "--short", "HEAD"]),
-                       EVOFAST_CUDA_HIST=os.environ.get("EVOFAST_CUDA_HIST", "0"),
+                       EVOFAST_CUDA_VALUE_TABLE=os.environ.get("EVOFAST_CUDA_VALUE_TABLE", "0"),
                        copy_GBps=peak, rows=rows), open(args.json, "w"), indent=1)
 
 

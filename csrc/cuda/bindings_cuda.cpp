@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
   a.transfer = transfer.data_ptr<bool>();
   a.status = status.data_ptr<int64_t>();
   a.splits = splits;
-  a.value_histogram = env_flag("EVOFAST_CUDA_HIST");
+  a.value_table = env_flag("EVOFAST_CUDA_VALUE_TABLE");
   C10_CUDA_CHECK(ec::evo_step_launch(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream));
   return {ids, w, transfer, status};
 }

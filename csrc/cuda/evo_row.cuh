@@ -9,6 +9,8 @@
 // evo_seq.cuh.
 #pragma once
 
+#include <cstring>
+
 #include "common.cuh"
 
 namespace evofast {
@@ -83,6 +85,7 @@ struct RowAcc {
   float m;    // max of the columns seen (logits are exact in float)
   double s;   // sum of exp(l - m) over them, float64
   TopK<K> top;
+  double st;  // TABLE: sum of exp(v - kTableRef) over the columns the value table holds
   double as;  // SAMPLE: best Gumbel score, its logit and column
   float al;
   int ai;
@@ -90,6 +93,7 @@ struct RowAcc {
   __device__ __forceinline__ void init() {
     m = -INFINITY;
     s = 0.0;
+    st = 0.0;
     top.init();
     as = -INFINITY;
     al = -INFINITY;
@@ -145,26 +149,25 @@ struct RowCtx {
   double temp;    // temperature (SAMPLE)
   uint64_t key;   // RNG key of the row (SAMPLE)
   const double* exp_tab;  // kExp2Sixteenths in shared memory
-  unsigned* hist;         // HIST: the block's value histogram (shared memory)
+  const double* table;    // TABLE: the value table (shared memory)
 };
 
-// The value histogram (HIST): bf16 values with 2^-8 <= |v| < 2^8, one bin per
-// bit pattern (sign, 16 binades, 7 mantissa bits: 4096 bins, 16 KB of shared
-// memory). Logits outside that range, -inf and NaN take the per-column exp.
-constexpr int kHistLoExp = 127 - 8;
-constexpr int kHistBins = 2 * 16 * 128;
+// The value table (TABLE): for every bf16 value v with 2^-8 <= |v| < 2^8, one
+// entry per bit pattern (sign, 16 binades, 7 mantissa bits: 4096 entries, 32 KB
+// of shared memory) holding exp(v - kTableRef) in float64. It depends on no
+// data, so a column in its range costs one shared-memory load and one float64
+// add instead of a float64 exp; kTableRef = 2^8 bounds every entry by 1 and
+// keeps all of them normal (>= exp(-512)). The columns a thread sums this way
+// (st) are brought to its running max once, after its scan (fold_table).
+// Logits outside the range, -inf and NaN take the per-column exp.
+constexpr int kTableLoExp = 127 - 8;
+constexpr int kTableSize = 2 * 16 * 128;
+constexpr double kTableRef = 256.0;
 
-// Bin of a float that came from a bf16 (its low 16 bits are zero), or -1.
-__device__ __forceinline__ int hist_bin(float v) {
-  const unsigned u = __float_as_uint(v);
-  const unsigned e = ((u >> 23) & 0xffu) - static_cast<unsigned>(kHistLoExp);
-  return e < 16u ? static_cast<int>(((u >> 31) << 11) | (e << 7) | ((u >> 16) & 0x7fu)) : -1;
-}
-
-// The value of bin j.
-__device__ __forceinline__ float hist_value(int j) {
+// The bf16 value of table entry j (sign << 11 | (binade - kTableLoExp) << 7 | mantissa).
+__device__ __forceinline__ float table_value(int j) {
   const unsigned u = (static_cast<unsigned>(j >> 11) << 31) |
-                     ((static_cast<unsigned>((j >> 7) & 15) + kHistLoExp) << 23) |
+                     ((static_cast<unsigned>((j >> 7) & 15) + kTableLoExp) << 23) |
                      (static_cast<unsigned>(j & 0x7f) << 16);
   return __uint_as_float(u);
 }
@@ -175,7 +178,7 @@ __device__ __forceinline__ double gumbel(uint64_t key, int col) {
 }
 
 // Folds N consecutive columns base..base+N-1 (values f, already float) into a.
-template <int N, int K, bool SAMPLE, bool HIST>
+template <int N, int K, bool SAMPLE>
 __device__ __forceinline__ void consume(RowAcc<K, SAMPLE>& a, float (&f)[N], int base,
                                         const RowCtx& c) {
   if (!SAMPLE && static_cast<unsigned>(c.skip_col - base) < static_cast<unsigned>(N)) {
@@ -201,23 +204,9 @@ __device__ __forceinline__ void consume(RowAcc<K, SAMPLE>& a, float (&f)[N], int
   }
   const double m = static_cast<double>(a.m);
   double t = 0.0;
-  if (HIST) {
-    // a.s holds the columns outside the histogram only; the bins are added
-    // against the block's max once the block has seen all its columns.
 #pragma unroll
-    for (int e = 0; e < N; ++e) {
-      const int bin = hist_bin(f[e]);
-      if (bin >= 0) {
-        atomicAdd(c.hist + bin, 1u);
-      } else if (f[e] != -INFINITY) {  // -inf adds nothing (and m may be -inf: -inf - -inf is NaN)
-        t += exp_nonpos(static_cast<double>(f[e]) - m, c.exp_tab);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < N; ++e) {
-      t += (f[e] == -INFINITY) ? 0.0 : exp_nonpos(static_cast<double>(f[e]) - m, c.exp_tab);
-    }
+  for (int e = 0; e < N; ++e) {
+    t += (f[e] == -INFINITY) ? 0.0 : exp_nonpos(static_cast<double>(f[e]) - m, c.exp_tab);
   }
   a.s += t;
   if (SAMPLE) {
@@ -248,24 +237,118 @@ __device__ __forceinline__ void load_group(const T* __restrict__ p, float (&f)[N
   }
 }
 
+// ---------------------------------------------------------------- value table (bf16)
+// A group of 8 bf16 columns as their bit patterns: column 2i in the low half of
+// word i, column 2i + 1 in the high half.
+template <bool VEC>
+__device__ __forceinline__ void load_words(const __nv_bfloat16* __restrict__ p, unsigned (&w)[4]) {
+  if (VEC) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  } else {
+    const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = static_cast<unsigned>(q[2 * i]) | (static_cast<unsigned>(q[2 * i + 1]) << 16);
+  }
+}
+
+__device__ __forceinline__ void words_to_float(const unsigned (&w)[4], float (&f)[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // a bf16 is the high half of its float
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ __nv_bfloat162 as_bf162(unsigned u) {
+  __nv_bfloat162 h;
+  memcpy(&h, &u, sizeof(h));
+  return h;
+}
+
+// The common case of a group under the value table, on the bit patterns (no
+// float conversion, no float64 exp): every column in the table's range, none
+// the skip column, the group's max neither a new running max nor able to enter
+// the top-k. Then the group adds its 8 entries to a.st and this returns true;
+// otherwise nothing is changed and the caller takes consume(). The table index
+// of pattern b is (b & 0x7fff) - (kTableLoExp << 7) (binade and mantissa; in
+// range iff below 2^11) plus the sign as bit 11, table_value()'s layout.
+template <int K, bool SAMPLE>
+__device__ __forceinline__ bool consume_table(RowAcc<K, SAMPLE>& a, const unsigned (&w)[4], int base,
+                                              const RowCtx& c) {
+  const __nv_bfloat162 m2 = __hmax2(__hmax2(as_bf162(w[0]), as_bf162(w[1])),
+                                    __hmax2(as_bf162(w[2]), as_bf162(w[3])));
+  const float vmax = fmaxf(__low2float(m2), __high2float(m2));  // NaN is ignored, as in consume
+  unsigned out = 0u;
+  unsigned bin[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const unsigned b = (e & 1) ? (w[e >> 1] >> 16) : w[e >> 1];  // pattern in the low 16 bits
+    const unsigned r = (b & 0x7fffu) - (static_cast<unsigned>(kTableLoExp) << 7);
+    out |= r;
+    bin[e] = r | ((b >> 4) & 0x800u);
+  }
+  if ((out & ~0x7ffu) != 0u || !(vmax < a.top.v[K - 1]) || vmax > a.m ||
+      static_cast<unsigned>(c.skip_col - base) < 8u) {
+    return false;
+  }
+  double u[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) u[e] = c.table[bin[e]];
+#pragma unroll
+  for (int d = 1; d < 8; d *= 2) {  // a tree: three dependent adds, not eight
+#pragma unroll
+    for (int e = 0; e + d < 8; e += 2 * d) u[e] += u[e + d];
+  }
+  a.st += u[0];
+  return true;
+}
+
+template <int K, bool SAMPLE, bool VEC>
+__device__ __forceinline__ void table_group(RowAcc<K, SAMPLE>& a, const unsigned (&w)[4], int base,
+                                            const RowCtx& c) {
+  if (consume_table(a, w, base, c)) return;
+  float f[8];
+  words_to_float(w, f);
+  consume<8, K, SAMPLE>(a, f, base, c);
+}
+
 // Groups g = tid, tid + nt, ... of N columns each (two loads in flight).
-template <typename T, int K, bool SAMPLE, bool HIST, bool VEC>
+template <typename T, int K, bool SAMPLE, bool TABLE, bool VEC>
 __device__ __forceinline__ void scan_groups(RowAcc<K, SAMPLE>& a, const T* __restrict__ p, int c0,
                                             int ngroups, const RowCtx& c) {
   constexpr int N = VecWidth<T>::value;
   const int nt = static_cast<int>(blockDim.x);
   int g = static_cast<int>(threadIdx.x);
-  for (; g + nt < ngroups; g += 2 * nt) {
-    float f0[N], f1[N];
-    load_group<T, N, VEC>(p + g * N, f0);
-    load_group<T, N, VEC>(p + (g + nt) * N, f1);
-    consume<N, K, SAMPLE, HIST>(a, f0, c0 + g * N, c);
-    consume<N, K, SAMPLE, HIST>(a, f1, c0 + (g + nt) * N, c);
-  }
-  if (g < ngroups) {
-    float f0[N];
-    load_group<T, N, VEC>(p + g * N, f0);
-    consume<N, K, SAMPLE, HIST>(a, f0, c0 + g * N, c);
+  if constexpr (TABLE) {  // T is __nv_bfloat16 (launch_rows)
+    for (; g + nt < ngroups; g += 2 * nt) {
+      unsigned w0[4], w1[4];
+      load_words<VEC>(p + g * N, w0);
+      load_words<VEC>(p + (g + nt) * N, w1);
+      table_group<K, SAMPLE, VEC>(a, w0, c0 + g * N, c);
+      table_group<K, SAMPLE, VEC>(a, w1, c0 + (g + nt) * N, c);
+    }
+    if (g < ngroups) {
+      unsigned w0[4];
+      load_words<VEC>(p + g * N, w0);
+      table_group<K, SAMPLE, VEC>(a, w0, c0 + g * N, c);
+    }
+  } else {
+    for (; g + nt < ngroups; g += 2 * nt) {
+      float f0[N], f1[N];
+      load_group<T, N, VEC>(p + g * N, f0);
+      load_group<T, N, VEC>(p + (g + nt) * N, f1);
+      consume<N, K, SAMPLE>(a, f0, c0 + g * N, c);
+      consume<N, K, SAMPLE>(a, f1, c0 + (g + nt) * N, c);
+    }
+    if (g < ngroups) {
+      float f0[N];
+      load_group<T, N, VEC>(p + g * N, f0);
+      consume<N, K, SAMPLE>(a, f0, c0 + g * N, c);
+    }
   }
 }
 
@@ -274,7 +357,7 @@ __device__ __forceinline__ void scan_groups(RowAcc<K, SAMPLE>& a, const T* __res
 // scalar tail done by thread 0. Which thread sees which column, and in which
 // order, does not depend on the row's alignment, so identical rows give
 // bit-identical results. A thread sees its columns in increasing order.
-template <typename T, int K, bool SAMPLE, bool HIST>
+template <typename T, int K, bool SAMPLE, bool TABLE>
 __device__ __forceinline__ void scan_range(RowAcc<K, SAMPLE>& a, const T* __restrict__ row, int c0,
                                            int c1, const RowCtx& c) {
   constexpr int N = VecWidth<T>::value;
@@ -283,14 +366,14 @@ __device__ __forceinline__ void scan_range(RowAcc<K, SAMPLE>& a, const T* __rest
   if (len <= 0) return;
   const int ngroups = len / N;
   if (is_aligned16(p)) {
-    scan_groups<T, K, SAMPLE, HIST, true>(a, p, c0, ngroups, c);
+    scan_groups<T, K, SAMPLE, TABLE, true>(a, p, c0, ngroups, c);
   } else {
-    scan_groups<T, K, SAMPLE, HIST, false>(a, p, c0, ngroups, c);
+    scan_groups<T, K, SAMPLE, TABLE, false>(a, p, c0, ngroups, c);
   }
   if (threadIdx.x == 0) {
     for (int col = ngroups * N; col < len; ++col) {
       float f[1] = {to_float(p[col])};
-      consume<1, K, SAMPLE, HIST>(a, f, c0 + col, c);
+      consume<1, K, SAMPLE>(a, f, c0 + col, c);
     }
   }
 }
@@ -447,36 +530,16 @@ __device__ __forceinline__ void finalize_row(const RowParams& p, int64_t row, in
   }
 }
 
-// Adds the histogram's bins to every thread's (m, s), against the block's max
-// (HIST; all threads call it after their scan).
+// Brings the value table's sum to the thread's running max (TABLE; per thread,
+// after its scan): s += st * exp(kTableRef - m). st > 0 means some column was
+// >= -2^8, so m >= -2^8 and the factor is at most exp(512): no overflow.
 template <int K, bool SAMPLE>
-__device__ __forceinline__ void add_histogram(RowAcc<K, SAMPLE>& a, const unsigned* hist,
-                                              const double* tab) {
-  __shared__ float sh_max[kRowWarps];
-  float m = a.m;
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(kFullMask, m, o);
-    m = m2 > m ? m2 : m;
-  }
-  if (lane_id() == 0) sh_max[warp_id()] = m;
-  __syncthreads();  // also: every histogram count is in
-  m = sh_max[0];
-#pragma unroll
-  for (int w = 1; w < kRowWarps; ++w) m = sh_max[w] > m ? sh_max[w] : m;
-  if (m == -INFINITY) return;  // no finite column (the bins are empty too)
-  if (a.s != 0.0) a.s *= exp(static_cast<double>(a.m) - static_cast<double>(m));
-  a.m = m;
-  const double md = static_cast<double>(m);
-  double t = 0.0;
-  for (int j = static_cast<int>(threadIdx.x); j < kHistBins; j += kRowThreads) {
-    const unsigned n = hist[j];
-    if (n != 0u) t += static_cast<double>(n) * exp_nonpos(static_cast<double>(hist_value(j)) - md, tab);
-  }
-  a.s += t;
+__device__ __forceinline__ void fold_table(RowAcc<K, SAMPLE>& a) {
+  if (a.st != 0.0) a.s += a.st * exp(kTableRef - static_cast<double>(a.m));
+  a.st = 0.0;
 }
 
-template <typename T, int K, bool SAMPLE, bool HIST>
+template <typename T, int K, bool SAMPLE, bool TABLE>
 __global__ void __launch_bounds__(kRowThreads) evo_row_kernel(const RowParams p) {
   const int64_t row = blockIdx.x;
   const int split = static_cast<int>(blockIdx.y);
@@ -487,22 +550,25 @@ __global__ void __launch_bounds__(kRowThreads) evo_row_kernel(const RowParams p)
   const int64_t c0 = static_cast<int64_t>(split) * p.chunk;
   const int64_t c1 = c0 + p.chunk < p.V ? c0 + p.chunk : p.V;
   __shared__ double exp_tab[16];
-  __shared__ unsigned hist[HIST ? kHistBins : 1];
+  __shared__ double table[TABLE ? kTableSize : 1];
   if (threadIdx.x < 16) exp_tab[threadIdx.x] = kExp2Sixteenths[threadIdx.x];
-  if (HIST) {
-    for (int j = static_cast<int>(threadIdx.x); j < kHistBins; j += kRowThreads) hist[j] = 0u;
-  }
   __syncthreads();
+  if (TABLE) {  // 16 entries per thread; arguments in (-512, 0)
+    for (int j = static_cast<int>(threadIdx.x); j < kTableSize; j += kRowThreads) {
+      table[j] = exp_nonpos(static_cast<double>(table_value(j)) - kTableRef, exp_tab);
+    }
+    __syncthreads();
+  }
   RowCtx c;
   c.exp_tab = exp_tab;
-  c.hist = hist;
+  c.table = table;
   c.skip_col = p.skip_col;
   c.temp = p.temp;
   c.key = SAMPLE ? rng_key(p.seed, kStreamGumbel, b, pos) : 0;
   RowAcc<K, SAMPLE> a;
   a.init();
-  scan_range<T, K, SAMPLE, HIST>(a, rp, static_cast<int>(c0), static_cast<int>(c1), c);
-  if (HIST) add_histogram(a, hist, exp_tab);
+  scan_range<T, K, SAMPLE, TABLE>(a, rp, static_cast<int>(c0), static_cast<int>(c1), c);
+  if (TABLE) fold_table(a);
   float myv;
   int myi;
   block_reduce_row(a, p.rounds, myv, myi);

@@ -15,6 +15,9 @@ using detail::ceil_div;
 constexpr int64_t kMinSplitCols = 4096;  // smallest column chunk worth its own block
 constexpr int kMaxSplits = 64;
 constexpr int kBlocksPerSm = 4;  // row-pass blocks per SM the split-V shape aims at
+// The value table costs a block 4096 float64 exps to build: worth it only when
+// the block's chunk of columns is much longer than that.
+constexpr int64_t kTableMinCols = 32768;
 
 struct Geometry {
   int splits;
@@ -58,13 +61,17 @@ Layout layout(int64_t B, int64_t R, int k, int splits) {
 }
 
 template <typename T, int K, bool SAMPLE>
-cudaError_t launch_rows(const detail::RowParams& rp, int64_t rows, bool hist, cudaStream_t stream) {
+cudaError_t launch_rows(const detail::RowParams& rp, int64_t rows, bool table, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(rp.splits));
-  if (hist) {
-    detail::evo_row_kernel<T, K, SAMPLE, true><<<grid, detail::kRowThreads, 0, stream>>>(rp);
-  } else {
-    detail::evo_row_kernel<T, K, SAMPLE, false><<<grid, detail::kRowThreads, 0, stream>>>(rp);
+  bool launched = false;
+  (void)table;  // unused where the table cannot apply
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && !SAMPLE) {  // the value table: bf16, greedy
+    if (table) {
+      detail::evo_row_kernel<T, K, SAMPLE, true><<<grid, detail::kRowThreads, 0, stream>>>(rp);
+      launched = true;
+    }
   }
+  if (!launched) detail::evo_row_kernel<T, K, SAMPLE, false><<<grid, detail::kRowThreads, 0, stream>>>(rp);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || rp.splits == 1) return err;
   const unsigned mgrid = static_cast<unsigned>(ceil_div(rows, detail::kMergeWarps));
@@ -76,15 +83,16 @@ template <typename T>
 cudaError_t launch_typed(const EvoStepArgs& a, const detail::RowParams& rp,
                          const detail::SeqParams& sp, int64_t rows, cudaStream_t stream) {
   const bool sample = a.temperature > 0.0;
-  // the value histogram: bf16 only (its bins are bf16 bit patterns), greedy only
-  const bool hist = a.value_histogram && !sample && std::is_same<T, __nv_bfloat16>::value;
+  // the value table: bf16 only (its entries are bf16 bit patterns), greedy only, long chunks only
+  const bool table = a.value_table && !sample && std::is_same<T, __nv_bfloat16>::value &&
+                    rp.chunk >= kTableMinCols;
   cudaError_t err;
   if (a.k_soft <= 4) {
     err = sample ? launch_rows<T, 4, true>(rp, rows, false, stream)
-                 : launch_rows<T, 4, false>(rp, rows, hist, stream);
+                 : launch_rows<T, 4, false>(rp, rows, table, stream);
   } else {
     err = sample ? launch_rows<T, 16, true>(rp, rows, false, stream)
-                 : launch_rows<T, 16, false>(rp, rows, hist, stream);
+                 : launch_rows<T, 16, false>(rp, rows, table, stream);
   }
   if (err != cudaSuccess) return err;
   detail::evo_seq_kernel<T><<<static_cast<unsigned>(a.B), detail::kSeqThreads, 0, stream>>>(sp);

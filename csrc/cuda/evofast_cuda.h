@@ -61,12 +61,14 @@ struct EvoStepArgs {
   // column chunks per row (rounded so that no chunk is empty). Pick it with
   // evo_step_choose_splits() and pass the same value to the workspace query.
   int splits = 1;
-  // bf16 logits at temperature 0: count each column's value in a shared-memory
-  // histogram and take one float64 exp per distinct value (a bf16 row of 126464
-  // columns holds a few thousand), instead of one per column. false: one exp per
-  // column, as for float32 / float16. Off by default until it has run on a GPU
-  // (EVOFAST_CUDA_HIST=1 turns it on; tests/test_cuda.py covers both).
-  bool value_histogram = false;
+  // bf16 logits at temperature 0, rows (or split-V chunks) of >= 32768 columns:
+  // a column whose value v has 2^-8 <= |v| < 2^8 adds exp(v - 2^8) from a
+  // 4096-entry float64 table in shared memory (one load and one add) instead of
+  // a float64 exp; the sum is rescaled to the running max once per thread.
+  // false: one exp per column, as for float32 / float16. Off by default until it
+  // has run on a GPU (EVOFAST_CUDA_VALUE_TABLE=1 turns it on; tests/test_cuda.py
+  // covers both).
+  bool value_table = false;
 };
 
 // The launch shape the kernels use by default for `rows = B * R` rows of `V`

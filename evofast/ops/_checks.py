@@ -50,8 +50,9 @@ def real(name: str, v, lo: float | None = None, hi: float | None = None, *, hi_o
     return v
 
 
-def per_row(name: str, v, B: int, device: torch.device, lo: int, hi: int | None) -> Tensor:
-    """An int or a (B,) integer tensor -> (B,) int64 on `device`, values in [lo, hi]."""
+def per_row(name: str, v, B: int, lo: int, hi: int | None) -> Tensor:
+    """An int or a (B,) integer tensor -> its (B,) int64 values on the host, in [lo, hi]
+    (a tensor on a device is copied to the host: one sync)."""
     if isinstance(v, Tensor):
         if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
             fail(name, f"expected an integer tensor, got dtype {v.dtype}")
@@ -62,6 +63,13 @@ def per_row(name: str, v, B: int, device: torch.device, lo: int, hi: int | None)
         host = v.detach().to("cpu", torch.int64)
         if B and (int(host.min()) < lo or (hi is not None and int(host.max()) > hi)):
             fail(name, f"values must lie in [{lo}, {'inf' if hi is None else hi}], got {host.tolist()}")
-        return v.to(device=device, dtype=torch.int64)
-    v = integer(name, v, lo, hi)
-    return torch.full((B,), v, dtype=torch.int64, device=device)
+        return host
+    return torch.full((B,), integer(name, v, lo, hi), dtype=torch.int64)
+
+
+def per_rows(device: torch.device, *rows: Tensor) -> list:
+    """Host (B,) int64 rows -> the same rows on `device`, through one (n, B) tensor: a single
+    host-to-device copy where one device tensor per row would take a launch each."""
+    if device.type == "cpu":
+        return list(rows)
+    return list(torch.stack(rows).to(device).unbind(0))

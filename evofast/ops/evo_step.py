@@ -120,12 +120,15 @@ def evo_step(
     row0 = _checks.integer("row0", row0, 0)
     if row0 + R > L:
         _checks.fail("row0", f"window [{row0}, {row0 + R}) lies outside the sequence of length {L}")
-    num_transfer = _checks.per_row("num_transfer", num_transfer, B, dev, 0, None)
-    block_start = _checks.per_row("block_start", block_start, B, dev, 0, L)
-    block_end = _checks.per_row("block_end", block_end, B, dev, 0, L)
-    prompt_len = _checks.per_row("prompt_len", prompt_len, B, dev, 0, L)
+    # checked on the host (no device sync), then uploaded together
+    num_transfer = _checks.per_row("num_transfer", num_transfer, B, 0, None)
+    block_start = _checks.per_row("block_start", block_start, B, 0, L)
+    block_end = _checks.per_row("block_end", block_end, B, 0, L)
+    prompt_len = _checks.per_row("prompt_len", prompt_len, B, 0, L)
     if bool((block_end < block_start).any()):
         _checks.fail("block_end", "must not be smaller than block_start")
+    num_transfer, block_start, block_end, prompt_len = _checks.per_rows(
+        dev, num_transfer, block_start, block_end, prompt_len)
     if generator is not None and not isinstance(generator, torch.Generator):
         _checks.fail("generator", f"expected a torch.Generator, got {type(generator).__name__}")
 
