@@ -2,7 +2,8 @@
 
 Every launch shape of the CUDA backend once: one block per row and split-V
 (forced through EVOFAST_CUDA_EVO_SPLITS), greedy / threshold / sampling / random
-remasking, ragged windows, odd V; soft_embed forward and backward. Each result is
+remasking, ragged windows, odd V, the bf16 value table; soft_embed forward and
+backward. Each result is
 compared with the torch reference so a sanitizer run is also a correctness run.
 """
 import os
@@ -43,6 +44,11 @@ for splits in (1, 4):
     case(1000, 2, 5, 24, 8, torch.float32, splits, remasking="random")
 os.environ.pop("EVOFAST_CUDA_EVO_SPLITS")
 case(126464, 1, 8, 32, 32, torch.bfloat16, 0)
+os.environ["EVOFAST_CUDA_VALUE_TABLE"] = "1"       # the value table: one block per row and long split-V chunks
+for splits in (1, 3):
+    case(126464, 2, 5, 12, 4, torch.bfloat16, splits)
+    case(50257, 3, 3, 17, 8, torch.bfloat16, splits, threshold=0.05)
+os.environ.pop("EVOFAST_CUDA_VALUE_TABLE")
 
 for wdt in (torch.float32, torch.bfloat16):
     weight = torch.randn(1000, 96, device=dev, dtype=wdt, requires_grad=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: build evofast there, then run the named stages.
-#   bash benchmarks/gpu/session.sh STAGE...   (stages: info build cuda sanitize kernels suite ops generate cts ncu)
+#   bash benchmarks/gpu/session.sh STAGE...   (stages: info build cuda sanitize kernels kernels-table suite ops
+#   generate cts ncu ncu-row diag toolchain); BUILD_CXX=/usr/bin/g++ builds with that compiler
 # Logs and JSON go to $OUT (what comes back); the built extensions are saved to
 # $OUT/build.tgz so a later call can carry them (.gpu-build/) instead of rebuilding.
 set -u
@@ -10,11 +11,11 @@ PY=python3
 stage() { echo; echo "=== $1 ($(date +%T))"; }
 
 build() {
-  if [ -f .gpu-build/build.tgz ] && [ -z "$(find csrc setup.py -newer .gpu-build/build.tgz)" ]; then
+  if [ -z "${BUILD_CXX:-}" ] && [ -f .gpu-build/build.tgz ] && [ -z "$(find csrc setup.py -newer .gpu-build/build.tgz)" ]; then
     stage "unpack carried build"; tar xzf .gpu-build/build.tgz && $PY -c "import evofast._C, evofast._C_cuda" && return 0
   fi
-  stage build
-  $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
+  stage "build${BUILD_CXX:+ with $BUILD_CXX}"
+  ${BUILD_CXX:+env CXX=$BUILD_CXX CC=${BUILD_CXX%++}cc LDSHARED="$BUILD_CXX -shared"} $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
   grep -iE "warning|registers|spill" "$OUT/build.log" | head -20
   tar czf "$OUT/build.tgz" evofast/*.so
   $PY -c "import evofast, evofast.ops as o; print('backends', o.backends())"
