@@ -16,10 +16,19 @@ an attention that builds a pad bias and then calls
 `_scaled_dot_product_attention(q, k, v, attn_mask=None)`, a `RotaryEmbedding`
 with `get_rotary_embedding` / `apply_rotary_pos_emb` that rotates by
 arange(L)), so the adapter's rebinding is exercised; the real remote class is
-untested here. Likewise `DreamModel` below is a Qwen2 subclass standing in for
-Dream's remote class (name, model_type and layout only).
+untested here unless EVOFAST_LLADA_REMOTE_DIR names a directory holding LLaDA's
+own `modeling_llada.py` and `configuration_llada.py` (a downloaded checkpoint
+directory will do): then every test below also runs on that class
+("llada-remote-real", the tiny model's weights loaded into it) and
+`test_real_remote_llada_generates_the_native_models_tokens` checks it end to end.
+Likewise `DreamModel` below is a Qwen2 subclass standing in for Dream's remote
+class (name, model_type and layout only).
 """
 import copy
+import importlib
+import os
+import sys
+import types
 from collections import namedtuple
 
 import pytest
@@ -211,6 +220,34 @@ def _remote():
     return model
 
 
+#: LLaDA's remote code, for the opt-in "llada-remote-real" case (see the module docstring)
+REMOTE_DIR = os.environ.get("EVOFAST_LLADA_REMOTE_DIR")
+
+
+def _remote_code():
+    """LLaDA's `modeling_llada` imported from REMOTE_DIR as a package (its import of
+    `.configuration_llada` is relative; copies that import it absolutely find it on the path)."""
+    name = "evofast_test_llada_remote_code"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [REMOTE_DIR]
+        sys.modules[name] = pkg
+        sys.path.insert(0, REMOTE_DIR)
+    return importlib.import_module(f"{name}.modeling_llada")
+
+
+def _remote_real():
+    code = _remote_code()
+    native = _native()
+    keys = {k: v for k, v in native.config.to_dict().items()
+            if k not in ("architectures", "model_type", "transformers_version", "auto_map")}
+    config = code.LLaDAConfig(**keys)
+    config._attn_implementation = "eager"
+    model = _seeded(lambda: code.LLaDAModelLM(config, init_params=False))
+    model.load_state_dict(native.state_dict())
+    return model.eval()
+
+
 def _hf(kind, impl):
     T = transformers
     common = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -239,6 +276,8 @@ CASES = {
     **{f"{k}-{impl}": ((lambda k=k, impl=impl: _hf(k, impl)), None if k == "dream" else MASK)
        for k in ("bert", "roberta", "modernbert", "qwen2", "dream") for impl in ("sdpa", "eager")},
 }
+if REMOTE_DIR:
+    CASES["llada-remote-real"] = (_remote_real, None)
 
 
 def _bidirectional_4d(ids, dtype=torch.float32):
@@ -253,7 +292,7 @@ def plain_logits(name, model, ids):
             if name.startswith("dream"):  # Dream's sampler realigns its next-token logits
                 logits = torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
             return logits
-        if name == "llada-remote":
+        if name.startswith("llada-remote"):
             return model(input_ids=ids, use_cache=False).logits
         return model(input_ids=ids).logits
 
@@ -430,7 +469,7 @@ def test_patch_idempotent_reversible_and_output_preserving(name):
     ids = _ids((2, 7))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    kwargs = {"use_cache": False} if name == "llada-remote" else {}
+    kwargs = {"use_cache": False} if name.startswith("llada-remote") else {}
     before = model(input_ids=ids, **kwargs).logits
     before_masked = model(input_ids=ids, attention_mask=mask, **kwargs).logits
     state = _instance_state(model)
@@ -442,7 +481,7 @@ def test_patch_idempotent_reversible_and_output_preserving(name):
     assert patch(model) is model and get_adapter(model) is ad
     with pytest.raises(ValueError, match="already patched"):
         patch(model, mask_id=ad.mask_id + 1)
-    if name == "llada-remote":  # wrapped once, not twice
+    if name.startswith("llada-remote"):  # wrapped once, not twice
         hook = model.model.transformer.blocks[0].__dict__["_scaled_dot_product_attention"]
         assert isinstance(hook, MethodHook) and hook.prev is None
     ad.forward(input_ids=ids, attention_mask=mask)
@@ -593,6 +632,28 @@ def test_bf16_runs_and_tracks_fp32(name):
     got = get_adapter(model16, mask_id=mask_id).forward(input_ids=ids, attention_mask=mask)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.skipif(not REMOTE_DIR, reason="EVOFAST_LLADA_REMOTE_DIR is not set (LLaDA's remote code)")
+@torch.no_grad()
+def test_real_remote_llada_generates_the_native_models_tokens():
+    """LLaDA's own class with the tiny model's weights: the same logits as evofast's LLaDA,
+    and generate gives the same tokens in both modes, with left padding, with and without
+    caches (cache_refresh=1: every forward recomputed, so a cache must change nothing)."""
+    from evofast import generate
+    native, real = _native(), _remote_real()
+    ids = _ids((2, 9))
+    torch.testing.assert_close(real(input_ids=ids, use_cache=False).logits, native(input_ids=ids).logits,
+                               rtol=0, atol=ATOL)
+    prompt = _ids((2, 6))
+    am = torch.ones_like(prompt)
+    am[1, :2] = 0
+    for mode in ("evotoken", "hard"):
+        want = generate(native, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode)
+        for cache in (None, "prefix", "dual"):
+            got = generate(real, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode,
+                           cache=cache, cache_refresh=1 if cache else None)
+            assert torch.equal(got, want), (mode, cache)
 
 
 def test_import_of_evofast_models_is_light():
