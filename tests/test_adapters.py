@@ -22,7 +22,9 @@ directory will do): then every test below also runs on that class
 ("llada-remote-real", the tiny model's weights loaded into it) and
 `test_real_remote_llada_generates_the_native_models_tokens` checks it end to end.
 Likewise `DreamModel` below is a Qwen2 subclass standing in for Dream's remote
-class (name, model_type and layout only).
+class (name, model_type and layout only); EVOFAST_DREAM_REMOTE_DIR naming a copy
+of Dream's `modeling_dream.py`, `configuration_dream.py` and `generation_utils.py`
+adds the case "dream-remote-real" (Dream's class with the stand-in's weights).
 """
 import copy
 import importlib
@@ -227,13 +229,9 @@ REMOTE_DIR = os.environ.get("EVOFAST_LLADA_REMOTE_DIR")
 def _remote_code():
     """LLaDA's `modeling_llada` imported from REMOTE_DIR as a package (its import of
     `.configuration_llada` is relative; copies that import it absolutely find it on the path)."""
-    name = "evofast_test_llada_remote_code"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [REMOTE_DIR]
-        sys.modules[name] = pkg
+    if REMOTE_DIR not in sys.path:
         sys.path.insert(0, REMOTE_DIR)
-    return importlib.import_module(f"{name}.modeling_llada")
+    return _import_dir("evofast_test_llada_remote_code", REMOTE_DIR, "modeling_llada")
 
 
 def _remote_real():
@@ -245,6 +243,39 @@ def _remote_real():
     config._attn_implementation = "eager"
     model = _seeded(lambda: code.LLaDAModelLM(config, init_params=False))
     model.load_state_dict(native.state_dict())
+    return model.eval()
+
+
+#: Dream's remote code, for the opt-in "dream-remote-real" case
+DREAM_DIR = os.environ.get("EVOFAST_DREAM_REMOTE_DIR")
+
+
+def _import_dir(name, directory, module):
+    """`module` of `directory` imported as a package named `name` (relative imports work)."""
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [directory]
+        sys.modules[name] = pkg
+    return importlib.import_module(f"{name}.{module}")
+
+
+def _dream_real():
+    # transformers 5 has no "default" entry in ROPE_INIT_FUNCTIONS, which Dream's rotary
+    # embedding looks up: register plain RoPE under that name (test-side, Dream's code untouched)
+    from transformers import modeling_rope_utils as rope
+
+    def default_rope(config, device=None, seq_len=None, **kw):
+        theta = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+        dim = config.hidden_size // config.num_attention_heads
+        exps = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (theta ** exps), 1.0
+    rope.ROPE_INIT_FUNCTIONS.setdefault("default", default_rope)
+    code = _import_dir("evofast_test_dream_remote_code", DREAM_DIR, "modeling_dream")
+    conf = sys.modules["evofast_test_dream_remote_code.configuration_dream"]
+    config = conf.DreamConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=64, mask_token_id=MASK, pad_token_id=None)
+    model = _seeded(lambda: code.DreamModel(config))
+    model.load_state_dict(_hf("dream", "sdpa").state_dict())
     return model.eval()
 
 
@@ -278,6 +309,8 @@ CASES = {
 }
 if REMOTE_DIR:
     CASES["llada-remote-real"] = (_remote_real, None)
+if DREAM_DIR:
+    CASES["dream-remote-real"] = (_dream_real, None)
 
 
 def _bidirectional_4d(ids, dtype=torch.float32):
@@ -470,8 +503,10 @@ def test_patch_idempotent_reversible_and_output_preserving(name):
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     kwargs = {"use_cache": False} if name.startswith("llada-remote") else {}
+    # Dream's own class takes no (B, L) attention mask (its sampler builds a 4-D one)
+    masked_call = name != "dream-remote-real"
     before = model(input_ids=ids, **kwargs).logits
-    before_masked = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    before_masked = model(input_ids=ids, attention_mask=mask, **kwargs).logits if masked_call else None
     state = _instance_state(model)
     params = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -486,8 +521,9 @@ def test_patch_idempotent_reversible_and_output_preserving(name):
         assert isinstance(hook, MethodHook) and hook.prev is None
     ad.forward(input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(model(input_ids=ids, **kwargs).logits, before, rtol=0, atol=0)
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, **kwargs).logits, before_masked,
-                               rtol=0, atol=0)
+    if masked_call:
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, **kwargs).logits, before_masked,
+                                   rtol=0, atol=0)
 
     assert unpatch(model) is model
     assert not em.registry.is_patched(model)
@@ -502,6 +538,18 @@ def test_patch_idempotent_reversible_and_output_preserving(name):
     # and it can be patched again, with another mask id
     assert get_adapter(model, mask_id=3).mask_id == 3
     unpatch(model)
+
+
+def test_dream_with_uninitialised_rope_buffers_is_refused():
+    """Dream's remote code loaded under transformers 5 keeps garbage in its RoPE buffers:
+    patch says so and names Dream's own fix, instead of decoding garbage."""
+    model = _hf("dream", "sdpa")
+    model.model.rotary_emb.inv_freq.copy_(torch.tensor([3.1e-41, 1.1e24, -2.7e-10, 0.5]))  # what such a load held
+    with pytest.raises(ValueError, match=r"inv_freq.*reset_rope_parameters"):
+        patch(model)
+    assert not em.registry.is_patched(model)
+    qwen = _hf("qwen2", "sdpa")                       # transformers' own class is not checked (nor affected)
+    assert patch(qwen, mask_id=MASK) is qwen
 
 
 def test_mask_id_rules():
@@ -650,6 +698,24 @@ def test_real_remote_llada_generates_the_native_models_tokens():
     am[1, :2] = 0
     for mode in ("evotoken", "hard"):
         want = generate(native, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode)
+        for cache in (None, "prefix", "dual"):
+            got = generate(real, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode,
+                           cache=cache, cache_refresh=1 if cache else None)
+            assert torch.equal(got, want), (mode, cache)
+
+
+@pytest.mark.skipif(not DREAM_DIR, reason="EVOFAST_DREAM_REMOTE_DIR is not set (Dream's remote code)")
+@torch.no_grad()
+def test_real_remote_dream_generates_the_stand_ins_tokens():
+    """Dream's own class with the stand-in's weights generates the stand-in's tokens (both modes,
+    left padding, with and without caches at cache_refresh=1)."""
+    from evofast import generate
+    standin, real = _hf("dream", "sdpa"), _dream_real()
+    prompt = _ids((2, 6))
+    am = torch.ones_like(prompt)
+    am[1, :2] = 0
+    for mode in ("evotoken", "hard"):
+        want = generate(standin, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode)
         for cache in (None, "prefix", "dual"):
             got = generate(real, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode,
                            cache=cache, cache_refresh=1 if cache else None)

@@ -234,6 +234,22 @@ def test_cache_errors_before_any_forward():
         generate(m, torch.tensor([[1, 2]]), cache="prefix", cache_refresh=-1, **GEN)
 
 
+def test_compile_gives_the_eager_tokens():
+    """compile=True through torch.compile for real (inductor on the CPU; skipped where it
+    cannot compile): the dual cache's static-shape block forward gives the eager tokens."""
+    import warnings
+    m = llada.tiny(vocab_size=300, d_model=32, n_layers=2, n_heads=4, seed=1)
+    ids = torch.randint(0, 290, (1, 4), generator=torch.Generator().manual_seed(0))
+    want = generate(m, ids, cache="dual", **GEN)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always", RuntimeWarning)
+        got = generate(m, ids, cache="dual", compile=True, **GEN)
+    fell_back = [w for w in rec if issubclass(w.category, RuntimeWarning) and "compile" in str(w.message)]
+    if fell_back:
+        pytest.skip(f"torch.compile is unavailable here: {fell_back[0].message}")
+    assert torch.equal(got, want)
+
+
 def test_compile_falls_back_to_eager(monkeypatch):
     """Where torch.compile fails (here made to), generate warns once and runs eagerly: same tokens."""
     m = llada.tiny(vocab_size=300, d_model=32, n_layers=2, n_heads=4, seed=1)

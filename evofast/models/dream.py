@@ -7,8 +7,12 @@ Two classes are served:
   and only calls through the adapter run bidirectionally.
 * Dream's remote-code class (`DreamModel`, model_type "Dream", loaded with
   `trust_remote_code`): bidirectional by design, same module layout
-  (`model.model.embed_tokens`, `model.lm_head`). Not tested here (its code
-  cannot be downloaded in evofast's test environment).
+  (`model.model.embed_tokens`, `model.lm_head`). Its code cannot be downloaded
+  in evofast's test environment; the tests run on it when
+  EVOFAST_DREAM_REMOTE_DIR names a copy (tests/test_adapters.py). Under
+  transformers 5 its checkpoints load with uninitialised RoPE buffers (they
+  are built in ``__init__``, which loading from the meta device skips): `patch`
+  checks them and asks for Dream's ``model.reset_rope_parameters()``.
 
 Masks and positions: the adapter's forward passes the body a float 4-D mask
 `(B, 1, 1, L)`, 0 on real keys and `finfo(dtype).min` on pad keys (all zeros
@@ -36,7 +40,7 @@ positional `transformers.Cache` and the additive key mask (as transformers'
 ready mask mapping for transformers' Qwen2, so no causal mask is built). With
 `shift_logits` the logits of row i read hidden row i - 1, so a cached window
 starts one row before its first logits row (`cache_lead`). Dream's own remote
-class goes through the same calls (untested here, as above).
+class goes through the same calls.
 """
 from __future__ import annotations
 
@@ -53,6 +57,35 @@ _MASK_READY_IMPLEMENTATIONS = (None, "eager", "sdpa")
 def _is_dream(model: nn.Module) -> bool:
     model_type = str(getattr(getattr(model, "config", None), "model_type", "")).lower()
     return type(model).__name__ == "DreamModel" or model_type == "dream"
+
+
+def _rope_problem(model: nn.Module) -> Optional[str]:
+    """What is wrong with the model's RoPE inverse frequencies, if anything (default RoPE only).
+
+    Dream's remote class keeps them in non-persistent buffers computed in
+    ``__init__``; loaded with transformers 5 (which materialises such models
+    from the meta device) they hold uninitialised memory, silently."""
+    cfg = model.config
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, dict):
+        kind, theta = params.get("rope_type", "default"), params.get("rope_theta")
+    else:
+        scaling = getattr(cfg, "rope_scaling", None) or {}
+        kind, theta = scaling.get("rope_type", scaling.get("type", "default")), getattr(cfg, "rope_theta", None)
+    if kind != "default" or not theta:
+        return None
+    for name, module in model.named_modules():
+        inv = getattr(module, "inv_freq", None)
+        if not isinstance(inv, Tensor) or inv.dim() != 1 or inv.device.type == "meta":
+            continue
+        dim = 2 * inv.numel()
+        want = 1.0 / float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        got = inv.detach().to("cpu", torch.float64)
+        rtol = max(1e-4, 2 * torch.finfo(inv.dtype).eps)       # a bf16 model holds them in bf16
+        if not bool(torch.isclose(got, want, rtol=rtol, atol=0).all()):
+            return (f"{name}.inv_freq holds {got[:3].tolist()}..., not RoPE's 1 / theta^(2i/d) for theta "
+                    f"{float(theta):g}")
+    return None
 
 
 class DreamAdapter(HFAdapter):
@@ -89,6 +122,11 @@ class DreamAdapter(HFAdapter):
         return None if mid is None else int(mid)
 
     def __init__(self, model: nn.Module, mask_id: int):
+        problem = _rope_problem(model) if _is_dream(model) else None
+        if problem:
+            raise ValueError(f"evofast.patch: {problem}. Dream's remote code loaded with transformers 5 leaves "
+                             "these buffers uninitialised; call model.reset_rope_parameters() (Dream's own "
+                             "method) after loading, then patch")
         super().__init__(model, mask_id)
         #: realign Dream's next-token logits to their own rows (see the module docstring)
         self.shift_logits: bool = _is_dream(model)
