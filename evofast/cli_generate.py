@@ -119,6 +119,10 @@ def load_checkpoint(path: str, device, dtype, trust_remote_code: bool):
         auto = AutoModel
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = auto.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
+    # Dream's remote code loaded with transformers 5 leaves its RoPE buffers uninitialised (evofast.patch
+    # refuses such a model); a model that can rebuild them from its config does so here
+    if callable(getattr(model, "reset_rope_parameters", None)):
+        model.reset_rope_parameters()
     return model.to(device).eval(), tok
 
 

@@ -148,6 +148,21 @@ def test_checkpoint_directory(tmp_path, capsys, chat):
     assert out == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
+def test_checkpoint_loader_rebuilds_rope_buffers_where_the_model_can(tmp_path, monkeypatch):
+    """load_checkpoint calls a model's own reset_rope_parameters (Dream's remote code has one; under
+    transformers 5 its RoPE buffers load uninitialised)."""
+    import torch
+
+    from evofast.cli_generate import load_checkpoint
+    from evofast.models import llada
+    llada.tiny(vocab_size=100, d_model=32, n_layers=1, n_heads=2, seed=3).save_pretrained(tmp_path)
+    _save_char_tokenizer(tmp_path)
+    calls = []
+    monkeypatch.setattr(llada.LLaDAModelLM, "reset_rope_parameters", lambda self: calls.append(self), raising=False)
+    model, _ = load_checkpoint(str(tmp_path), "cpu", torch.float32, False)
+    assert calls == [model]
+
+
 def test_checkpoint_without_tokenizer_is_reported(tmp_path, capsys):
     from evofast.models import llada
     llada.tiny(vocab_size=100, d_model=32, n_layers=1, n_heads=2, seed=3).save_pretrained(tmp_path)
