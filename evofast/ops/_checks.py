@@ -68,8 +68,15 @@ def per_row(name: str, v, B: int, lo: int, hi: int | None) -> Tensor:
 
 
 def per_rows(device: torch.device, *rows: Tensor) -> list:
-    """Host (B,) int64 rows -> the same rows on `device`, through one (n, B) tensor: a single
-    host-to-device copy where one device tensor per row would take a launch each."""
+    """Host (B,) int64 rows -> the same rows on `device`. A row of one value (an int argument)
+    becomes a device fill: asynchronous and capturable in a CUDA graph, where a copy from
+    pageable host memory would synchronise the stream first."""
     if device.type == "cpu":
         return list(rows)
-    return list(torch.stack(rows).to(device).unbind(0))
+    out = []
+    for r in rows:
+        if r.numel() and bool((r == r[0]).all()):
+            out.append(torch.full(r.shape, int(r[0]), dtype=torch.int64, device=device))
+        else:
+            out.append(r.to(device))
+    return out

@@ -120,7 +120,7 @@ def evo_step(
     row0 = _checks.integer("row0", row0, 0)
     if row0 + R > L:
         _checks.fail("row0", f"window [{row0}, {row0 + R}) lies outside the sequence of length {L}")
-    # checked on the host (no device sync), then uploaded together
+    # checked on the host: no device sync for int arguments
     num_transfer = _checks.per_row("num_transfer", num_transfer, B, 0, None)
     block_start = _checks.per_row("block_start", block_start, B, 0, L)
     block_end = _checks.per_row("block_end", block_end, B, 0, L)
