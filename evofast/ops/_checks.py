@@ -70,13 +70,16 @@ def per_row(name: str, v, B: int, lo: int, hi: int | None) -> Tensor:
 def per_rows(device: torch.device, *rows: Tensor) -> list:
     """Host (B,) int64 rows -> the same rows on `device`. A row of one value (an int argument)
     becomes a device fill: asynchronous and capturable in a CUDA graph, where a copy from
-    pageable host memory would synchronise the stream first."""
+    pageable host memory would synchronise the stream first; other rows go through pinned
+    memory on CUDA (asynchronous too)."""
     if device.type == "cpu":
         return list(rows)
     out = []
     for r in rows:
         if r.numel() and bool((r == r[0]).all()):
             out.append(torch.full(r.shape, int(r[0]), dtype=torch.int64, device=device))
+        elif device.type == "cuda":  # through pinned memory: an asynchronous copy
+            out.append(r.pin_memory().to(device, non_blocking=True))
         else:
             out.append(r.to(device))
     return out
