@@ -60,7 +60,7 @@ def per_row(name: str, v, B: int, lo: int, hi: int | None) -> Tensor:
             v = v.reshape(1).expand(B)
         if tuple(v.shape) != (B,):
             fail(name, f"expected an int or a tensor of shape ({B},), got shape {tuple(v.shape)}")
-        host = v.detach().to("cpu", torch.int64)
+        host = v.detach().to("cpu", torch.int64).contiguous()
         if B and (int(host.min()) < lo or (hi is not None and int(host.max()) > hi)):
             fail(name, f"values must lie in [{lo}, {'inf' if hi is None else hi}], got {host.tolist()}")
         return host
