@@ -155,8 +155,8 @@ TABLE_SHAPES = {"row": "1", "splitv-table": "3", "splitv-short": "7"}
 @pytest.mark.parametrize("shape", sorted(TABLE_SHAPES))
 @pytest.mark.parametrize("V", [1000, 126464])
 def test_evo_step_bf16_value_table(cuda_ops, monkeypatch, V, shape, table, layout):
-    """bf16 greedy rows take exp(v - 2^8) from the value table for 2^-8 <= |v| < 2^8;
-    logits outside its range (|v| < 2^-8, |v| >= 2^8, zeros, -inf) take the
+    """bf16 greedy rows take exp(v - 2^8) from the value table for 2^-12 <= |v| < 2^8;
+    logits outside its range (|v| < 2^-12, |v| >= 2^8, zeros, -inf) take the
     per-column exp. Both agree with the CPU kernel to float64 rounding, with rows
     aligned to 16 bytes (vector loads) or not (scalar loads), and with logits
     shifted by -200 (row 2: before the large values are set, so its max is
@@ -169,7 +169,7 @@ def test_evo_step_bf16_value_table(cuda_ops, monkeypatch, V, shape, table, layou
     lg[2] -= 200.0
     pick = torch.rand(lg.shape, generator=torch.Generator().manual_seed(3))
     lg[pick < 0.01] = 0.0
-    lg[(pick >= 0.01) & (pick < 0.02)] *= 1e-3                       # below 2^-8
+    lg[(pick >= 0.01) & (pick < 0.02)] *= 1e-3                       # small: some below 2^-12
     big = (pick >= 0.02) & (pick < 0.021)
     lg[big] = 300.0 + 100 * pick[big]                                  # 2^8 and above
     lg[(pick >= 0.021) & (pick < 0.022)] = -float("inf")
@@ -179,6 +179,19 @@ def test_evo_step_bf16_value_table(cuda_ops, monkeypatch, V, shape, table, layou
     inp["logits"] = full.to(torch.bfloat16)
     got = call_step(cuda_ops, inp, "cuda")
     exp = call_step(cuda_ops, inp, "cpu")
+    assert_same_step(got, exp, torch.bfloat16, inp)
+
+
+@pytest.mark.parametrize("k_soft", [1, 8, 16])
+@pytest.mark.parametrize("shape", ["row", "splitv-table"])
+def test_evo_step_bf16_value_table_k(cuda_ops, monkeypatch, shape, k_soft):
+    """The value table's kernels for other top-k sizes (K = 4 and K = 16 instantiations), on
+    plain random rows (nearly every group in the table's range) and with the CPU's k."""
+    monkeypatch.setenv(SPLITS_ENV, TABLE_SHAPES[shape])
+    monkeypatch.setenv(TABLE_ENV, "1")
+    inp = make_step_inputs(2, 21, 126464, torch.bfloat16, seed=k_soft)
+    got = call_step(cuda_ops, inp, "cuda", k_soft=k_soft)
+    exp = call_step(cuda_ops, inp, "cpu", k_soft=k_soft)
     assert_same_step(got, exp, torch.bfloat16, inp)
 
 

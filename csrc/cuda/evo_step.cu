@@ -15,7 +15,7 @@ using detail::ceil_div;
 constexpr int64_t kMinSplitCols = 4096;  // smallest column chunk worth its own block
 constexpr int kMaxSplits = 64;
 constexpr int kBlocksPerSm = 4;  // row-pass blocks per SM the split-V shape aims at
-// The value table costs a block 4096 float64 exps to build: worth it only when
+// The value table costs a block 5120 float64 exps to build: worth it only when
 // the block's chunk of columns is much longer than that.
 constexpr int64_t kTableMinCols = 32768;
 

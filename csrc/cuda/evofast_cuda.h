@@ -62,8 +62,8 @@ struct EvoStepArgs {
   // evo_step_choose_splits() and pass the same value to the workspace query.
   int splits = 1;
   // bf16 logits at temperature 0, rows (or split-V chunks) of >= 32768 columns:
-  // a column whose value v has 2^-8 <= |v| < 2^8 adds exp(v - 2^8) from a
-  // 4096-entry float64 table in shared memory (one load and one add) instead of
+  // a column whose value v has 2^-12 <= |v| < 2^8 adds exp(v - 2^8) from a
+  // 5120-entry float64 table in shared memory (one load and one add) instead of
   // a float64 exp; the sum is rescaled to the running max once per thread.
   // false: one exp per column, as for float32 / float16. Off by default until it
   // has run on a GPU (EVOFAST_CUDA_VALUE_TABLE=1 turns it on; tests/test_cuda.py
