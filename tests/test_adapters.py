@@ -682,44 +682,38 @@ def test_bf16_runs_and_tracks_fp32(name):
     torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.1)
 
 
-@pytest.mark.skipif(not REMOTE_DIR, reason="EVOFAST_LLADA_REMOTE_DIR is not set (LLaDA's remote code)")
-@torch.no_grad()
-def test_real_remote_llada_generates_the_native_models_tokens():
-    """LLaDA's own class with the tiny model's weights: the same logits as evofast's LLaDA,
-    and generate gives the same tokens in both modes, with left padding, with and without
+def _assert_generates_like(model, reference):
+    """`model` generates `reference`'s tokens in both modes, with left padding, with and without
     caches (cache_refresh=1: every forward recomputed, so a cache must change nothing)."""
     from evofast import generate
-    native, real = _native(), _remote_real()
-    ids = _ids((2, 9))
-    torch.testing.assert_close(real(input_ids=ids, use_cache=False).logits, native(input_ids=ids).logits,
-                               rtol=0, atol=ATOL)
     prompt = _ids((2, 6))
     am = torch.ones_like(prompt)
     am[1, :2] = 0
     for mode in ("evotoken", "hard"):
-        want = generate(native, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode)
+        want = generate(reference, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode)
         for cache in (None, "prefix", "dual"):
-            got = generate(real, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode,
+            got = generate(model, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode,
                            cache=cache, cache_refresh=1 if cache else None)
             assert torch.equal(got, want), (mode, cache)
+
+
+@pytest.mark.skipif(not REMOTE_DIR, reason="EVOFAST_LLADA_REMOTE_DIR is not set (LLaDA's remote code)")
+@torch.no_grad()
+def test_real_remote_llada_generates_the_native_models_tokens():
+    """LLaDA's own class with the tiny model's weights: the same logits as evofast's LLaDA and
+    the same generated tokens."""
+    native, real = _native(), _remote_real()
+    ids = _ids((2, 9))
+    torch.testing.assert_close(real(input_ids=ids, use_cache=False).logits, native(input_ids=ids).logits,
+                               rtol=0, atol=ATOL)
+    _assert_generates_like(real, native)
 
 
 @pytest.mark.skipif(not DREAM_DIR, reason="EVOFAST_DREAM_REMOTE_DIR is not set (Dream's remote code)")
 @torch.no_grad()
 def test_real_remote_dream_generates_the_stand_ins_tokens():
-    """Dream's own class with the stand-in's weights generates the stand-in's tokens (both modes,
-    left padding, with and without caches at cache_refresh=1)."""
-    from evofast import generate
-    standin, real = _hf("dream", "sdpa"), _dream_real()
-    prompt = _ids((2, 6))
-    am = torch.ones_like(prompt)
-    am[1, :2] = 0
-    for mode in ("evotoken", "hard"):
-        want = generate(standin, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode)
-        for cache in (None, "prefix", "dual"):
-            got = generate(real, prompt, attention_mask=am, gen_length=8, block_length=4, steps=4, mode=mode,
-                           cache=cache, cache_refresh=1 if cache else None)
-            assert torch.equal(got, want), (mode, cache)
+    """Dream's own class with the stand-in's weights generates the stand-in's tokens."""
+    _assert_generates_like(_dream_real(), _hf("dream", "sdpa"))
 
 
 def test_import_of_evofast_models_is_light():
