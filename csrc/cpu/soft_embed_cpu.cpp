@@ -2,15 +2,21 @@
 // (semantics: csrc/README.md). Accumulation type `acc_t`: float, or double
 // for float64 weights, as in evofast.ops.reference.
 //
-//   forward:  out[n] = sum_j wn[n, j] * weight[ids[n, j]]      (parallel over rows n)
+//   forward:  out[n] = sum_j wn[n, j] * weight[ids[n, j]]      (parallel over chunks of rows)
+//             wn = product_weights(w) (torch's own ops, in the product dtype P); the products
+//             are rounded to P and summed in torch's order (in registers for J <= 4, by
+//             at::sum itself beyond), so the result is torch's
+//             `(wn.unsqueeze(-1) * weight[ids]).sum(-2)` bit for bit
 //   backward: grad_weight[v] = sum_{(n, j): ids[n, j] == v} wn[n, j] * grad[n]
 //             (the (n, j) pairs sorted by id, then tasks = (id group, column block):
 //              no two tasks write the same element, and the order of the sum is fixed)
 //             grad_w[n, m] = [w >= 0] * (g_m / D - [S >= 1e-12] * sum_j g_j c_j / D^2),
 //             g_j = <grad[n], weight[ids[n, j]]>                  (parallel over rows n)
 #include "cpu/kernels.h"
+#include "product_weights.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -95,46 +101,107 @@ void check_common(const at::Tensor& weight, const at::Tensor& ids, const at::Ten
 
 }  // namespace
 
-at::Tensor soft_embed_fwd_cpu(const at::Tensor& weight_in, const at::Tensor& ids_in, const at::Tensor& w_in) {
+// wn_j * e in the product dtype P, rounded as torch's elementwise mul rounds it: a 16-bit P is
+// multiplied in float (exact for two 16-bit operands) and rounded once to P.
+template <typename P, typename WT>
+inline P product(P f, const WT* row, int64_t t) {
+  if constexpr (std::is_same_v<P, c10::BFloat16> || std::is_same_v<P, c10::Half>) {
+    return static_cast<P>(static_cast<float>(f) * ld<float>(row, t));
+  } else {
+    return f * ld<P>(row, t);
+  }
+}
+
+// Torch's CPU sum adds at most 4 terms in order j = 0..3 on every path of its reduction
+// (its cascade and its 4-way interleaved partial sums both start that way); from 5 terms
+// on, the order depends on d and on the CPU's vector width.
+constexpr int64_t kInOrderTerms = 4;
+
+// J <= kInOrderTerms: one pass, each row's sum in order in registers (the accumulation
+// type of torch's sum of P: float for 16-bit P), rounded to P, then cast to the weight dtype.
+template <typename p_t, typename wgt_t>
+void weighted_sum_in_order(const wgt_t* W, const int64_t* I, const p_t* F, int64_t N, int64_t J, int64_t d,
+                           wgt_t* O) {
+  using acc_t = at::opmath_type<p_t>;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * J));
+  cpu_parallel_for(0, N, grain, static_cast<double>(N) * J * d, [&](int64_t n0, int64_t n1) {
+    std::vector<acc_t> acc(d);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < J; ++j) {
+        const p_t f = F[n * J + j];
+        const wgt_t* row = W + I[n * J + j] * d;
+        acc_t* a = acc.data();
+_Pragma("omp simd")
+        for (int64_t t = 0; t < d; ++t) a[t] += static_cast<acc_t>(product<p_t>(f, row, t));
+      }
+      wgt_t* o = O + n * d;
+      for (int64_t t = 0; t < d; ++t) o[t] = static_cast<wgt_t>(static_cast<p_t>(acc[t]));
+    }
+  });
+}
+
+// Any J: the products of a cache-sized chunk of rows go to a buffer that at::sum reduces
+// over j, so the order and roundings of the sum are torch's own for every d, J and CPU.
+template <typename p_t, typename wgt_t>
+void weighted_sum_by_torch(const wgt_t* W, const int64_t* I, const p_t* F, int64_t N, int64_t J, int64_t d,
+                           const at::TensorOptions& p_options, at::Tensor& out2d) {
+  const int64_t bytes_per_row = J * d * static_cast<int64_t>(sizeof(p_t));
+  const int64_t rows = std::min(N, std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, bytes_per_row)));
+  const int64_t chunks = (N + rows - 1) / rows;
+  const bool cast = out2d.scalar_type() != p_options.dtype().toScalarType();
+  cpu_parallel_for(0, chunks, 1, static_cast<double>(N) * J * d, [&](int64_t c0, int64_t c1) {
+    at::Tensor prod = at::empty({rows, J, d}, p_options);
+    at::Tensor sum = cast ? at::empty({rows, d}, p_options) : at::Tensor();
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * rows, n = std::min(rows, N - n0);
+      p_t* pr = prod.data_ptr<p_t>();
+      for (int64_t i = 0; i < n * J; ++i) {
+        const p_t f = F[n0 * J + i];
+        const wgt_t* row = W + I[n0 * J + i] * d;
+        p_t* dst = pr + i * d;
+_Pragma("omp simd")
+        for (int64_t t = 0; t < d; ++t) dst[t] = product<p_t>(f, row, t);
+      }
+      at::Tensor dst = out2d.narrow(0, n0, n);
+      if (cast) {
+        at::Tensor s = sum.narrow(0, 0, n);
+        at::sum_out(s, prod.narrow(0, 0, n), at::IntArrayRef{1});
+        dst.copy_(s);  // P -> weight dtype as torch's .to() converts
+      } else {
+        at::sum_out(dst, prod.narrow(0, 0, n), at::IntArrayRef{1});
+      }
+    }
+  });
+}
+
+at::Tensor soft_embed_fwd_cpu(const at::Tensor& weight_in, const at::Tensor& ids_in, const at::Tensor& w) {
   const char* op = "soft_embed_fwd_fused";
-  check_common(weight_in, ids_in, w_in, op);
-  const at::Tensor weight = weight_in.contiguous(), ids = ids_in.contiguous(), w = w_in.contiguous();
-  const int64_t V = weight.size(0), d = weight.size(1);
+  check_common(weight_in, ids_in, w, op);
+  const at::Tensor weight = weight_in.contiguous(), ids = ids_in.contiguous();
+  const int64_t d = weight.size(1);
   const int64_t J = ids.size(-1);
   const int64_t N = J > 0 ? ids.numel() / J : 0;
   auto out_shape = ids.sizes().vec();
   out_shape.back() = d;
-  at::Tensor out = at::empty(out_shape, weight.options());
-  if (out.numel() == 0) return out;
-  if (N * J > 0) check_ids(ids, V, op);
-
+  // an empty soft-token axis sums nothing: zeros, as the formula gives
+  at::Tensor out = J == 0 ? at::zeros(out_shape, weight.options()) : at::empty(out_shape, weight.options());
+  if (out.numel() == 0 || J == 0) return out;
+  check_ids(ids, weight.size(0), op);
+  const at::Tensor wn = product_weights(w.contiguous(), weight.scalar_type()).contiguous();
+  at::Tensor out2d = out.view({N, d});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "soft_embed_fwd_cpu", [&] {
     using wgt_t = scalar_t;
-    using acc_t = typename Acc<wgt_t>::type;
     const wgt_t* W = weight.data_ptr<wgt_t>();
     const int64_t* I = ids.data_ptr<int64_t>();
-    wgt_t* O = out.data_ptr<wgt_t>();
-    EVO_DISPATCH_W(w.scalar_type(), "soft_embed_fwd_cpu_w", [&] {
-      const scalar_t* Wt = w.data_ptr<scalar_t>();
-      const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d * std::max<int64_t>(J, 1)));
-      cpu_parallel_for(0, N, grain, static_cast<double>(N) * J * d, [&](int64_t n0, int64_t n1) {
-        std::vector<acc_t> acc(d), c(J), wn(J);
-        for (int64_t n = n0; n < n1; ++n) {
-          acc_t S;
-          normalise<acc_t>(Wt + n * J, J, c.data(), wn.data(), S);
-          acc_t* a = acc.data();
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t j = 0; j < J; ++j) {
-            const acc_t f = wn[j];
-            const wgt_t* row = W + I[n * J + j] * d;
-_Pragma("omp simd")
-            for (int64_t t = 0; t < d; ++t) a[t] += f * ld<acc_t>(row, t);
-          }
-          wgt_t* o = O + n * d;
-_Pragma("omp simd")
-          for (int64_t t = 0; t < d; ++t) o[t] = static_cast<wgt_t>(a[t]);
-        }
-      });
+    EVO_DISPATCH_W(wn.scalar_type(), "soft_embed_fwd_cpu_wn", [&] {
+      using p_t = scalar_t;
+      const p_t* F = wn.data_ptr<p_t>();
+      if (J <= kInOrderTerms) {
+        weighted_sum_in_order<p_t, wgt_t>(W, I, F, N, J, d, out2d.data_ptr<wgt_t>());
+      } else {
+        weighted_sum_by_torch<p_t, wgt_t>(W, I, F, N, J, d, wn.options(), out2d);
+      }
     });
   });
   return out;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cuda/evofast_cuda.h"
+#include "product_weights.h"
 
 // A Python module so that `import evofast._C_cuda` loads the library (and runs
 // the registrations below); import evofast._C first, it defines the schemas.
@@ -210,15 +211,16 @@ at::Tensor soft_embed_fwd_cuda(const at::Tensor& weight, const at::Tensor& ids, 
   check_ids_w(op, ids, w, weight.device());
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto ids_c = ids.contiguous();
-  const auto w_c = w.contiguous();
+  // the normalised weights by torch's own CUDA ops, in the product dtype
+  const auto wn = evofast::product_weights(w.contiguous(), weight.scalar_type()).contiguous();
   const int64_t V = weight.size(0), d = weight.size(1);
   const int64_t rows = rows_of(ids), J = ids.size(-1);
   auto out = at::empty(embed_shape(ids, d), weight.options());
   if (out.numel() == 0) return out;
   // ids outside [0, V) are not checked here (that needs a device sync): they add nothing
   C10_CUDA_CHECK(ec::soft_embed_fwd_launch(weight.data_ptr(), to_dtype(weight.scalar_type()), V, d,
-                                           ids_c.data_ptr<int64_t>(), w_c.data_ptr(),
-                                           to_dtype(w.scalar_type()), rows, J, out.data_ptr(),
+                                           ids_c.data_ptr<int64_t>(), wn.data_ptr(),
+                                           to_dtype(wn.scalar_type()), rows, J, out.data_ptr(),
                                            at::cuda::getCurrentCUDAStream()));
   return out;
 }

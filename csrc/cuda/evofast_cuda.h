@@ -90,11 +90,13 @@ cudaError_t evo_step_launch(const EvoStepArgs& args, void* workspace, size_t wor
 constexpr int64_t kSoftEmbedMaxJ = 1024;
 
 // out[row] = sum_j wn_j * weight[ids[row, j]]; weight (V, d) contiguous in
-// `weight_dtype`, ids / w (rows, J) contiguous, w in `w_dtype`, out (rows, d) in
-// `weight_dtype`. Accumulates in fp32 (fp64 when weight is fp64). ids outside
-// [0, V) contribute nothing.
+// `weight_dtype`, ids / wn (rows, J) contiguous, wn already normalised, in the
+// product dtype `wn_dtype` (at least as wide as weight_dtype), out (rows, d) in
+// `weight_dtype`. Each product is rounded to wn_dtype, the sum runs in order
+// j = 0..J-1 in fp32 (fp64 for an fp64 wn_dtype). ids outside [0, V) contribute
+// nothing.
 cudaError_t soft_embed_fwd_launch(const void* weight, DType weight_dtype, int64_t V, int64_t d,
-                                  const int64_t* ids, const void* w, DType w_dtype, int64_t rows,
+                                  const int64_t* ids, const void* wn, DType wn_dtype, int64_t rows,
                                   int64_t J, void* out, cudaStream_t stream);
 
 // Workspace of soft_embed_bwd_launch: an fp32 (V, d) accumulator when

@@ -9,7 +9,7 @@ namespace {
 
 using detail::ceil_div;
 
-// Accumulation type of a weight type.
+// Accumulation type of a weight (backward) or product (forward) type.
 template <typename WT>
 struct AccOf {
   using type = float;
@@ -31,21 +31,21 @@ int threads_for(int64_t cols) {
   return static_cast<int>(t < detail::kEmbedThreads ? (t > 0 ? t : detail::kWarp) : detail::kEmbedThreads);
 }
 
-template <typename WT, typename WW>
-cudaError_t fwd_typed(const void* weight, int64_t V, int64_t d, const int64_t* ids, const void* w,
+template <typename WT, typename P>
+cudaError_t fwd_typed(const void* weight, int64_t V, int64_t d, const int64_t* ids, const void* wn,
                       int64_t rows, int J, void* out, cudaStream_t stream) {
-  using A = typename AccOf<WT>::type;
+  using A = typename AccOf<P>::type;
   constexpr int N = detail::VecWidth<WT>::value;
-  const size_t smem = detail::row_smem_bytes<A>(J);
+  const size_t smem = static_cast<size_t>(J) * (sizeof(int64_t) + sizeof(A));
   const WT* wt = static_cast<const WT*>(weight);
-  const WW* ww = static_cast<const WW*>(w);
+  const P* wp = static_cast<const P*>(wn);
   WT* o = static_cast<WT*>(out);
   if (can_vectorize<WT>(d, weight, out)) {
-    detail::soft_embed_fwd_kernel<WT, WW, A, N>
-        <<<static_cast<unsigned>(rows), threads_for(d / N), smem, stream>>>(wt, V, d, ids, ww, J, o);
+    detail::soft_embed_fwd_kernel<WT, P, A, N>
+        <<<static_cast<unsigned>(rows), threads_for(d / N), smem, stream>>>(wt, V, d, ids, wp, J, o);
   } else {
-    detail::soft_embed_fwd_kernel<WT, WW, A, 1>
-        <<<static_cast<unsigned>(rows), threads_for(d), smem, stream>>>(wt, V, d, ids, ww, J, o);
+    detail::soft_embed_fwd_kernel<WT, P, A, 1>
+        <<<static_cast<unsigned>(rows), threads_for(d), smem, stream>>>(wt, V, d, ids, wp, J, o);
   }
   return cudaGetLastError();
 }
@@ -128,9 +128,9 @@ cudaError_t dispatch(DType weight_dtype, DType w_dtype, Args... args) {
 
 template <typename WT, typename WW>
 struct Fwd {
-  static cudaError_t run(const void* weight, int64_t V, int64_t d, const int64_t* ids, const void* w,
+  static cudaError_t run(const void* weight, int64_t V, int64_t d, const int64_t* ids, const void* wn,
                          int64_t rows, int J, void* out, cudaStream_t stream) {
-    return fwd_typed<WT, WW>(weight, V, d, ids, w, rows, J, out, stream);
+    return fwd_typed<WT, WW>(weight, V, d, ids, wn, rows, J, out, stream);
   }
 };
 
@@ -151,11 +151,11 @@ bool bad_sizes(int64_t V, int64_t d, int64_t rows, int64_t J) {
 }  // namespace
 
 cudaError_t soft_embed_fwd_launch(const void* weight, DType weight_dtype, int64_t V, int64_t d,
-                                  const int64_t* ids, const void* w, DType w_dtype, int64_t rows,
+                                  const int64_t* ids, const void* wn, DType wn_dtype, int64_t rows,
                                   int64_t J, void* out, cudaStream_t stream) {
   if (bad_sizes(V, d, rows, J)) return cudaErrorInvalidValue;
   if (rows == 0 || d == 0) return cudaSuccess;
-  return dispatch<Fwd>(weight_dtype, w_dtype, weight, V, d, ids, w, rows, static_cast<int>(J), out,
+  return dispatch<Fwd>(weight_dtype, wn_dtype, weight, V, d, ids, wn, rows, static_cast<int>(J), out,
                        stream);
 }
 

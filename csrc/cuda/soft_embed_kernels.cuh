@@ -1,7 +1,9 @@
 // Kernels of soft_embed_fwd_fused / soft_embed_bwd_fused (csrc/README.md):
 // torch-free. One block per (b, r) row; the row's J ids and normalised weights
-// wn_j = clamp(w_j, 0) / max(sum_j clamp(w_j, 0), 1e-12) live in shared memory.
-// Accumulation type A: float, or double for a float64 weight.
+// wn_j live in shared memory: the forward receives them normalised, the backward
+// computes wn_j = clamp(w_j, 0) / max(sum_j clamp(w_j, 0), 1e-12) itself.
+// Accumulation type A: float, or double for a float64 weight (backward) or
+// product dtype (forward).
 #pragma once
 
 #include "common.cuh"
@@ -66,31 +68,54 @@ __device__ __forceinline__ RowSmem<A> load_row(const int64_t* __restrict__ ids,
   return s;
 }
 
-template <typename WT, typename WW, typename A, int N>
+// wn * e rounded as torch's elementwise mul rounds it in the product dtype P: an IEEE
+// multiply without contraction into an add (__fmul_rn / __dmul_rn), and for a 16-bit P
+// (exact in float for two 16-bit operands) one more rounding to P.
+template <typename P>
+__device__ __forceinline__ float product(float f, float e) {
+  return to_acc<float>(from_float<P>(__fmul_rn(f, e)));
+}
+template <>
+__device__ __forceinline__ float product<float>(float f, float e) { return __fmul_rn(f, e); }
+template <typename P>
+__device__ __forceinline__ double product(double f, double e) { return __dmul_rn(f, e); }
+
+// Forward: one block per (b, r) row. `wn` arrives normalised in the product dtype P
+// (computed by torch in evofast.ops.soft_embed); the products are summed in order
+// j = 0..J-1 in A (float, double for a float64 P) with IEEE adds, then cast to WT
+// (a double through float, as torch's .to() casts).
+template <typename WT, typename P, typename A, int N>
 __global__ void __launch_bounds__(kEmbedThreads)
     soft_embed_fwd_kernel(const WT* __restrict__ weight, int64_t V, int64_t d,
-                          const int64_t* __restrict__ ids, const WW* __restrict__ w, int J,
+                          const int64_t* __restrict__ ids, const P* __restrict__ wn, int J,
                           WT* __restrict__ out) {
-  using P = Pack<WT, N>;
+  using Pk = Pack<WT, N>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int64_t* sid = reinterpret_cast<int64_t*>(smem_raw);
+  A* swn = reinterpret_cast<A*>(sid + J);
   const int64_t row = blockIdx.x;
-  const RowSmem<A> s = load_row<A>(ids, w, row, J);
+  for (int j = static_cast<int>(threadIdx.x); j < J; j += static_cast<int>(blockDim.x)) {
+    sid[j] = ids[row * J + j];
+    swn[j] = to_acc<A>(wn[row * J + j]);
+  }
+  __syncthreads();
   WT* orow = out + row * d;
   for (int64_t c = static_cast<int64_t>(threadIdx.x) * N; c < d; c += static_cast<int64_t>(blockDim.x) * N) {
     A acc[N];
 #pragma unroll
     for (int e = 0; e < N; ++e) acc[e] = A(0);
     for (int j = 0; j < J; ++j) {
-      const int64_t id = s.id[j];
+      const int64_t id = sid[j];
       if (id < 0 || id >= V) continue;
-      const A wj = s.wn[j];
-      const P x = *reinterpret_cast<const P*>(weight + id * d + c);
+      const A f = swn[j];
+      const Pk x = *reinterpret_cast<const Pk*>(weight + id * d + c);
 #pragma unroll
-      for (int e = 0; e < N; ++e) acc[e] += wj * to_acc<A>(x.v[e]);
+      for (int e = 0; e < N; ++e) acc[e] = acc[e] + product<P>(f, to_acc<A>(x.v[e]));
     }
-    P y;
+    Pk y;
 #pragma unroll
     for (int e = 0; e < N; ++e) y.v[e] = from_acc<WT>(acc[e]);
-    *reinterpret_cast<P*>(orow + c) = y;
+    *reinterpret_cast<Pk*>(orow + c) = y;
   }
 }
 

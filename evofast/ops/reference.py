@@ -125,11 +125,19 @@ def soft_embed_spec(weight: Tensor, ids: Tensor, w: Tensor) -> Tensor:
     return (normalised_weights(w).unsqueeze(-1) * weight[ids]).sum(dim=-2)
 
 
+def product_weights(weight: Tensor, w: Tensor) -> Tensor:
+    """The normalised weights as the formula multiplies them: `normalised_weights(w)` in
+    w's dtype (torch's own reductions and roundings), promoted to the product dtype
+    `promote(w.dtype, weight.dtype)` (exact: a promotion only widens). The compiled
+    kernels compute the same with the same ATen ops (csrc/product_weights.h)."""
+    return normalised_weights(w).to(torch.promote_types(w.dtype, weight.dtype))
+
+
 def soft_embed_fwd_reference(weight: Tensor, ids: Tensor, w: Tensor) -> Tensor:
-    """Spec 1 with fp32 accumulation (float64 stays float64), output in weight.dtype."""
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    wn = normalised_weights(w.to(acc))
-    return (wn.unsqueeze(-1) * weight[ids].to(acc)).sum(dim=-2).to(weight.dtype)
+    """`soft_embed_spec(weight, ids, w)` in weight.dtype: each product rounded to the
+    product dtype, summed by torch's reduction (fp32 accumulation for 16-bit dtypes)."""
+    wn = product_weights(weight, w)
+    return (wn.unsqueeze(-1) * weight[ids]).sum(dim=-2).to(weight.dtype)
 
 
 def soft_embed_bwd_reference(grad: Tensor, weight: Tensor, ids: Tensor, w: Tensor,

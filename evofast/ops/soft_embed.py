@@ -5,9 +5,19 @@
 
 Forward and backward are the custom ops `evofast::soft_embed_fwd` and
 `evofast::soft_embed_bwd` (fake implementations for torch.compile), tied
-together by `SoftEmbedFunction`, a torch.autograd.Function. Accumulation is in
-fp32 (float64 weights stay float64); the weight gradient only touches the rows
-that `ids` names, accumulated in fp32.
+together by `SoftEmbedFunction`, a torch.autograd.Function.
+
+The forward equals the authors' model code bit for bit,
+`(w'.unsqueeze(-1) * weight[ids]).sum(-2)` in the product dtype
+`promote(w.dtype, weight.dtype)`, cast to weight.dtype: every backend computes
+`w'` with torch's own ops (`reference.product_weights`; one ulp in the divisor
+is enough to change later tokens of a sharp model), and the kernels only
+gather, multiply (rounding each product to the product dtype, as torch does for
+bf16 / fp16) and sum. The cpp backend sums with torch's reduction itself;
+triton and cuda sum in order j = 0..J-1, which is torch's order wherever torch
+sums sequentially (docs/semantics.md, "Exactness").
+The backward accumulates in fp32 (float64 weights stay float64); the weight
+gradient only touches the rows that `ids` names.
 """
 from __future__ import annotations
 
@@ -99,4 +109,8 @@ def soft_embed(weight: Tensor, ids: Tensor, w: Tensor, *, backend: Optional[str]
     if check_ids and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
         _checks.fail("ids", f"values must lie in [0, {V}), got min {int(ids.min())} and max {int(ids.max())}")
     name = _backend.resolve(dev, backend)
-    return SoftEmbedFunction.apply(weight.contiguous(), ids.to(torch.int64).contiguous(), w.contiguous(), name)
+    args = (weight.contiguous(), ids.to(torch.int64).contiguous(), w.contiguous(), name)
+    if torch.is_grad_enabled() and (weight.requires_grad or w.requires_grad):
+        return SoftEmbedFunction.apply(*args)
+    # nothing to differentiate (decoding): skip the autograd Function's fixed cost
+    return (_soft_embed_fwd if torch.compiler.is_compiling() else _soft_embed_fwd_impl)(*args)

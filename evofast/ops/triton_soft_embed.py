@@ -1,16 +1,22 @@
-"""Triton backend of `soft_embed` (spec/evotoken.md 1, csrc/README.md).
+"""Triton backend of `soft_embed` (csrc/README.md).
 
     out[n] = sum_j wn[n, j] * weight[ids[n, j]],
     wn = c / D,  c = clamp(w, 0),  S = sum_j c_j,  D = max(S, 1e-12)
 
+The forward normalises `w` with torch's own ops (`reference.product_weights`, in
+the product dtype), rounds each product to that dtype and sums in order
+j = 0..J-1 in fp32 (float64 for float64 products), without fused multiply-adds:
+torch's own result wherever torch sums in order (csrc/README.md says where).
+
 Shapes: `weight (V, d)` contiguous fp32 / fp16 / bf16 / float64, `ids (..., J)`
 int64, `w (..., J)` floating, `grad (..., d)`; rows `n` are the flattened leading
-dimensions. Accumulation in fp32 (float64 for float64 weights), as the reference:
-`w` is cast to the accumulation dtype first, outputs are cast at the end.
+dimensions. The backward accumulates in fp32 (float64 for float64 weights), as
+the reference: `w` is cast to the accumulation dtype first, outputs are cast at
+the end.
 
 Kernels:
-- `_soft_embed_fwd_kernel`, grid `(N, cdiv(d, BLOCK_D))`: `S` over the J axis in
-  tiles of BLOCK_J, then a `(BLOCK_J, BLOCK_D)` gather of weight rows per tile.
+- `_soft_embed_fwd_kernel`, grid `(N, cdiv(d, BLOCK_D))`: a loop over j, one weight
+  row slice of BLOCK_D columns per j.
 - `_soft_embed_bwd_kernel`, grid `(N, cdiv(J, BLOCK_J))`, a loop over `d`:
   `grad_weight[ids_j] += wn_j * grad` with `tl.atomic_add` into an fp32 (float64)
   buffer, cast to `weight.dtype` afterwards; and `g_j = <grad, weight[ids_j]>`.
@@ -33,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import _backend
+from .reference import product_weights
 
 try:  # see triton_evo_step: the combine functions behind tl.sum
     from triton.language.standard import _sum_combine as _SUM
@@ -64,29 +71,32 @@ def _clamped_sum(w_ptr, n, J, ACC: tl.constexpr, BLOCK_J: tl.constexpr):
 def _bf16_rne(v):
     """fp32 -> bf16 rounding to nearest even (the interpreter's cast truncates; module docstring)."""
     bits = v.to(tl.uint32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(v != v, 0x7FC0, rounded)  # NaN stays a quiet NaN, as c10::BFloat16 does
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
 def _soft_embed_fwd_kernel(
-    weight_ptr, ids_ptr, w_ptr, out_ptr, J, D,
-    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    weight_ptr, ids_ptr, wn_ptr, out_ptr, J, D, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = dd < D
-    jj = tl.arange(0, BLOCK_J)
-    S, den, eps = _clamped_sum(w_ptr, n, J, ACC, BLOCK_J)
     acc = tl.full((BLOCK_D,), 0, ACC)
-    for j0 in range(0, J, BLOCK_J):
-        jm = j0 + jj < J
-        wv = tl.load(w_ptr + n * J + j0 + jj, mask=jm, other=0.0).to(ACC)
-        wn = tl.where(wv < 0, 0.0, wv) / den
-        idv = tl.load(ids_ptr + n * J + j0 + jj, mask=jm, other=0)
-        e = tl.load(weight_ptr + idv[:, None] * D + dd[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-        acc += tl.reduce(wn[:, None] * e.to(ACC), 0, _SUM)
+    for j in range(0, J):  # in order j = 0..J-1 (module docstring)
+        f = tl.load(wn_ptr + n * J + j).to(ACC)
+        idv = tl.load(ids_ptr + n * J + j)
+        p = f * tl.load(weight_ptr + idv * D + dd, mask=dm, other=0.0).to(ACC)
+        if wn_ptr.dtype.element_ty == tl.bfloat16:  # each product rounded to the product dtype
+            p = _bf16_rne(p).to(ACC)
+        elif wn_ptr.dtype.element_ty == tl.float16:
+            p = p.to(tl.float16).to(ACC)
+        acc += p
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        acc = _bf16_rne(acc)
+        acc = _bf16_rne(acc.to(tl.float32))
+    elif out_ptr.dtype.element_ty == tl.float16:
+        acc = acc.to(tl.float32)
     tl.store(out_ptr + n * D + dd, acc.to(out_ptr.dtype.element_ty), mask=dm)
 
 
@@ -154,8 +164,9 @@ def _soft_embed_gradw_kernel(
         tl.store(gwt_ptr + n * J + j0 + jj, gwt.to(gwt_ptr.dtype.element_ty), mask=jm)
 
 
-def _acc(weight: torch.Tensor):
-    return (torch.float64, tl.float64) if weight.dtype == torch.float64 else (torch.float32, tl.float32)
+def _acc(t: torch.Tensor):
+    """The accumulation dtype of a weight (backward) or product (forward) dtype."""
+    return (torch.float64, tl.float64) if t.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
 def _blocks(device: torch.device, J: int, D: int):
@@ -177,7 +188,8 @@ def _check_device(t: torch.Tensor):
 def soft_embed_fwd_triton(weight: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`soft_embed_fwd_fused`: `(..., J)` ids / w -> `(..., d)` in weight.dtype."""
     _check_device(weight)
-    weight, ids, w = weight.contiguous(), ids.contiguous(), w.contiguous()
+    weight, ids = weight.contiguous(), ids.contiguous()
+    wn = product_weights(weight, w.contiguous()).contiguous()
     V, D = weight.shape
     J = ids.shape[-1]
     N = ids.numel() // J if J else ids.shape[:-1].numel()
@@ -186,10 +198,11 @@ def soft_embed_fwd_triton(weight: torch.Tensor, ids: torch.Tensor, w: torch.Tens
         return out
     if J == 0:
         return out.zero_()
-    _, acc = _acc(weight)
-    BLOCK_J, BLOCK_D = _blocks(weight.device, J, D)
+    _, acc = _acc(wn)
+    _, BLOCK_D = _blocks(weight.device, 1, D)
+    # no fused multiply-add: each product is rounded on its own, as torch's mul then sum
     _soft_embed_fwd_kernel[(N, triton.cdiv(D, BLOCK_D))](
-        weight, ids, w, out, J, D, ACC=acc, BLOCK_J=BLOCK_J, BLOCK_D=BLOCK_D, num_warps=4)
+        weight, ids, wn, out, J, D, ACC=acc, BLOCK_D=BLOCK_D, num_warps=4, enable_fp_fusion=False)
     return out
 
 
