@@ -367,7 +367,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                 lg, xs, cs, _per_row(nt, device), row0=row0,
                 block_start=_per_row(bs if soft else be, device), block_end=_per_row(be, device),
                 prompt_len=P, mask_id=M, k_soft=k_soft, alpha=alpha, temperature=temperature,
-                remasking=remasking, threshold=threshold, generator=generator, backend=backend)
+                remasking=remasking, threshold=threshold, generator=generator, backend=backend,
+                check_ids=False)                                 # x is built here from checked prompts
             if sel is not None:                                  # write the rows back
                 x.index_copy_(0, sel, xs)
                 conf.index_copy_(0, sel, cs)

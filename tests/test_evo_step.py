@@ -278,12 +278,32 @@ def _bad_calls():
     yield "prompt_len", dict(base, prompt_len=torch.tensor([1, 2, 3]))
     yield "num_transfer", dict(base, num_transfer=torch.tensor([1.0, 2.0]))
     yield "threshold", dict(base, threshold=float("nan"))
+    yield "logits", dict(base, logits=c.logits.to("meta"))
+    for name in ("num_transfer", "block_start", "block_end", "prompt_len"):
+        yield name, dict(base, **{name: torch.tensor([1, 2], device="meta")})
+        yield name, dict(base, **{name: 2**63})
+    x_out = c.x.clone()
+    x_out[1, 3] = 100                                   # = V: not a token id
+    yield "x", dict(base, x=x_out)
+    yield "x", dict(base, x=c.x.clone().fill_(-1))
+    yield "conf", dict(base, conf=c.conf.t().contiguous().t())
+    yield "x", dict(base, x=c.x.t().contiguous().t())
+    yield "backend", dict(base, backend="foo")
+    yield "exclude_mask", dict(base, exclude_mask="yes")
+    yield "check_finite", dict(base, check_finite=1)
+    yield "check_ids", dict(base, check_ids=None)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("arg,kwargs", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input(arg, kwargs):
+def test_bad_input(arg, kwargs, backend):
+    """A ValueError whose message starts with the argument's name, before anything is written."""
+    if backend not in evofast.ops.backends():
+        pytest.skip(f"{backend} not usable here")
+    kwargs = dict(kwargs, x=kwargs["x"].clone())
     x_before = kwargs["x"].clone()
-    with pytest.raises(ValueError, match=arg):
+    kwargs.setdefault("backend", backend)
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
         evo_step(**kwargs)
     assert torch.equal(kwargs["x"], x_before)
 

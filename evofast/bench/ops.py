@@ -192,7 +192,7 @@ class StepCase:
 
         def fn():
             evo_step(self.window, self.x, self.conf, self.n, row0=P, mask_id=M, k_soft=K_SOFT, alpha=ALPHA,
-                     backend=backend, **self.bounds)
+                     backend=backend, check_ids=False, **self.bounds)   # as generate calls it
         return fn, self.reset
 
 

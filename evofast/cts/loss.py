@@ -121,7 +121,8 @@ class _Trajectory:
             # 3.4: revision (x != M, q > c, from max(st, P)) and the new soft representation
             ids, w, _ = evo_step(block[None], self.x[b:b + 1], self.conf[b:b + 1], 0, row0=p0, block_start=st,
                                  block_end=self.ends[b] + 1, prompt_len=self.prompts[b], mask_id=self.mask_id,
-                                 k_soft=self.k_soft, alpha=self.alphas[b], exclude_mask=False, backend=self.backend)
+                                 k_soft=self.k_soft, alpha=self.alphas[b], exclude_mask=False, backend=self.backend,
+                                 check_ids=False)
             self.soft_ids[b, p0:p1] = ids[0]
             self.soft_w[b, p0:p1] = w[0].to(self.soft_w.dtype)
 

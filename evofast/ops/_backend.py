@@ -83,9 +83,13 @@ def set_backend(name: str) -> None:
     is called; "auto" falls back silently.
     """
     global _choice
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    _check_name(name)
     _choice = name
+
+
+def _check_name(name) -> None:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend: must be 'auto' or one of {BACKENDS}, got {name!r}")
 
 
 def get_backend() -> str:
@@ -110,8 +114,7 @@ def resolve(device: torch.device, backend: str | None = None) -> str:
     if name == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
         return next((b for b in order if usable(b, device)), "torch")
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    _check_name(name)
     if not usable(name, device):
         hint = {"cpp": "evofast._C is not built or the tensors are not on the CPU",
                 "cuda": "evofast._C_cuda is not built or the tensors are not on a GPU",

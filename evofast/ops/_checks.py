@@ -14,9 +14,14 @@ def fail(name: str, problem: str):
     raise ValueError(f"{name}: {problem}")
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def tensor(name: str, t, *, dim: int | None = None, dtypes=None, device=None) -> Tensor:
     if not isinstance(t, Tensor):
         fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        fail(name, "is on the meta device: it holds no values")
     if dim is not None and t.dim() != dim:
         fail(name, f"expected {dim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -30,10 +35,18 @@ def integer(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         fail(name, f"expected an int, got {v!r}")
     v = int(v)
+    if not INT64_MIN <= v <= INT64_MAX:
+        fail(name, f"must fit in int64, got {v}")
     if lo is not None and v < lo:
         fail(name, f"must be >= {lo}, got {v}")
     if hi is not None and v > hi:
         fail(name, f"must be <= {hi}, got {v}")
+    return v
+
+
+def boolean(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        fail(name, f"expected True or False, got {v!r}")
     return v
 
 
@@ -54,6 +67,8 @@ def per_row(name: str, v, B: int, lo: int, hi: int | None) -> Tensor:
     """An int or a (B,) integer tensor -> its (B,) int64 values on the host, in [lo, hi]
     (a tensor on a device is copied to the host: one sync)."""
     if isinstance(v, Tensor):
+        if v.device.type == "meta":
+            fail(name, "is on the meta device: it holds no values")
         if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
             fail(name, f"expected an integer tensor, got dtype {v.dtype}")
         if v.dim() == 0:

@@ -1,4 +1,4 @@
-"""`evo_step`: one whole EvoToken decoding step (spec/evotoken.md 2.2 items 2-7).
+"""`evo_step`: one whole EvoToken decoding step (docs/semantics.md, decoding items 2-7).
 
 Layers: `evo_step` (validation, RNG draws) -> the `evofast::evo_step` custom op
 (what torch.compile sees, with a fake implementation) -> one backend:
@@ -63,6 +63,7 @@ def evo_step(
     remasking: str = "low_confidence", threshold: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
     exclude_mask: bool = True, backend: Optional[str] = None, check_finite: bool = True,
+    check_ids: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One EvoToken decoding step for the sequence rows `[row0, row0 + R)`.
 
@@ -81,7 +82,11 @@ def evo_step(
         backend: force a backend for this call (default: `evofast.set_backend` / auto).
         check_finite: raise `NonFiniteLogitsError` on NaN / inf rows (one host sync);
             False skips the check (for graph capture) and leaves x / conf untouched
-            on such rows' steps without telling.
+            on such rows' steps without telling. A NaN or inf only in the mask
+            column, where that column is excluded (temperature 0, exclude_mask),
+            is not read: the column counts as -inf either way.
+        check_ids: check that x holds token ids in `[0, V)` before any work (one host
+            sync on a GPU); False skips it (generate, whose x it built itself).
 
     Returns:
         ids `(B, R, k_soft + 1)` int64, w `(B, R, k_soft + 1)` in the logits dtype (the
@@ -104,8 +109,9 @@ def evo_step(
         _checks.fail("x", f"batch size {x.shape[0]} does not match logits' {B}")
     if conf.shape != x.shape:
         _checks.fail("conf", f"shape {tuple(conf.shape)} does not match x's {tuple(x.shape)}")
-    if not (x.is_contiguous() and conf.is_contiguous()):
-        _checks.fail("x", "x and conf must be contiguous (they are updated in place)")
+    for name, t in (("x", x), ("conf", conf)):
+        if not t.is_contiguous():
+            _checks.fail(name, "must be contiguous (it is updated in place)")
     L = x.shape[1]
     mask_id = _checks.integer("mask_id", mask_id, 0, V - 1)
     k_soft = _checks.integer("k_soft", k_soft, 1, 16)
@@ -131,6 +137,12 @@ def evo_step(
         dev, num_transfer, block_start, block_end, prompt_len)
     if generator is not None and not isinstance(generator, torch.Generator):
         _checks.fail("generator", f"expected a torch.Generator, got {type(generator).__name__}")
+    exclude_mask = _checks.boolean("exclude_mask", exclude_mask)
+    check_finite = _checks.boolean("check_finite", check_finite)
+    if _checks.boolean("check_ids", check_ids) and x.numel():
+        lo, hi = (int(v) for v in torch.stack([x.min(), x.max()]).tolist())  # one host sync on a GPU
+        if lo < 0 or hi >= V:
+            _checks.fail("x", f"token ids must lie in [0, {V}), got min {lo} and max {hi}")
 
     name = _backend.resolve(dev, backend)
     random_remask = remasking == "random"
