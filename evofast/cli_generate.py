@@ -3,14 +3,15 @@
     evofast generate --model PATH_OR_tiny --prompt "..." [--prompt "..." ...]
         [--mode evotoken|hard] [--steps N] [--gen-length N] [--block-length N]
         [--k-soft K] [--alpha A] [--temperature T] [--threshold C] [--seed S]
-        [--trace out.html] [--trust-remote-code] [--device cpu|cuda] [--dtype auto|fp32|bf16|fp16]
+        [--trace out.html] [--lora DIR [--merge-lora]] [--trust-remote-code] [--device cpu|cuda]
+        [--dtype auto|fp32|bf16|fp16]
 
-PATH is a local checkpoint directory (or a name transformers can resolve): its
-tokenizer is loaded with AutoTokenizer, the model with AutoModel (LLaDA, Dream),
-AutoModelForMaskedLM (BERT-like) or AutoModelForCausalLM (a Qwen2 checkpoint run
-bidirectionally), then `evofast.patch`ed. LLaDA checkpoints load into evofast's
-own LLaDA implementation unless --trust-remote-code is given (then the
-checkpoint's code runs); no remote code runs without that flag. The chat
+PATH is a local checkpoint directory (or a name transformers can resolve),
+loaded by `evofast.models.loading.load_checkpoint` and `evofast.patch`ed. LLaDA
+checkpoints load into evofast's own LLaDA implementation unless
+--trust-remote-code is given (then the checkpoint's code runs); no remote code
+runs without that flag. --lora DIR loads a LoRA adapter on it with peft,
+unmerged (checked against the checkpoint before any weight is loaded). The chat
 template is applied when the tokenizer has one (--no-chat-template: never).
 Several --prompt values run as one left-padded batch.
 
@@ -31,6 +32,8 @@ from .cli import keeps_torch_threads
 HELP = "generate text with EvoToken soft-token decoding (a checkpoint, or --model tiny)"
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+MERGE_NOTE = ("note: --merge-lora folds the adapter into the weights; merged bf16 weights round "
+              "differently from the unmerged adapter, so tokens are not identical to the authors' runs")
 TINY_NOTE = ("note: --model tiny is a random-weight LLaDA-architecture model (d_model 64, 2 layers) with a "
              "character tokenizer: its text is nonsense. It shows that the pipeline runs, nothing more.")
 
@@ -61,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (temperature > 0)")
     parser.add_argument("--trace", metavar="FILE.html", default=None,
                         help="write a self-contained HTML page of every decoding step")
+    parser.add_argument("--lora", metavar="DIR", default=None,
+                        help="a LoRA adapter directory (peft save_pretrained, e.g. the released EvoToken LoRA), "
+                             "loaded onto the checkpoint unmerged")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="fold the --lora adapter into the weights (faster; not token-identical in bf16)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let transformers run the checkpoint's own model / tokenizer code")
     parser.add_argument("--no-chat-template", action="store_true", help="never apply the chat template")
@@ -85,64 +93,9 @@ def _device_dtype(args):
     return device, dtype
 
 
-def load_tiny(device, dtype):
-    """The built-in random model and its character tokenizer.
-
-    On the CPU `run` then uses one torch thread: the model's matrices are so small
-    that more threads only add synchronisation (on a busy machine, tens of times
-    slower)."""
-    from .models import llada
-    from .models.tiny_tokenizer import CharTokenizer
-
-    tok = CharTokenizer()
-    model = llada.tiny(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, seed=0)
-    return model.to(device=device, dtype=dtype), tok
-
-
-def load_checkpoint(path: str, device, dtype, trust_remote_code: bool):
-    """Tokenizer and model of a checkpoint (see the module docstring for the class choice)."""
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
-                              AutoTokenizer)
-
-    from .models import llada
-
-    llada.register()                                   # model_type "llada" -> evofast's own LLaDA
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    archs = list(getattr(config, "architectures", None) or [])
-    if getattr(config, "model_type", None) == "llada":
-        auto = AutoModel
-    elif any("MaskedLM" in a for a in archs):
-        auto = AutoModelForMaskedLM
-    elif any("CausalLM" in a for a in archs):
-        auto = AutoModelForCausalLM
-    else:
-        auto = AutoModel
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = auto.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
-    # Dream's remote code loaded with transformers 5 leaves its RoPE buffers uninitialised (evofast.patch
-    # refuses such a model); a model that can rebuild them from its config does so here
-    if callable(getattr(model, "reset_rope_parameters", None)):
-        model.reset_rope_parameters()
-    return model.to(device).eval(), tok
-
-
-def encode_prompts(tok, prompts, chat: bool, device):
-    """Token ids (B, P) left-padded, attention mask (B, P) or None."""
-    import torch
-
-    from .chat import prompt_ids
-
-    rows = [prompt_ids(tok, text, chat) for text in prompts]
-    P = max(len(r) for r in rows)
-    pad = next((v for v in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
-                if v is not None), 0)
-    ids = torch.full((len(rows), P), int(pad), dtype=torch.long)
-    am = torch.zeros(len(rows), P, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, P - len(r):] = torch.tensor(r)
-            am[i, P - len(r):] = 1
-    return ids.to(device), (None if bool(am.all()) else am.to(device))
+# the loaders live in the library; these names stay importable from here
+from .chat import encode_prompts  # noqa: E402,F401
+from .models.loading import load_checkpoint, load_tiny  # noqa: E402,F401
 
 
 @keeps_torch_threads
@@ -164,7 +117,12 @@ def run(args: argparse.Namespace) -> int:
                 torch.set_num_threads(1)                # see load_tiny
             model, tok = load_tiny(device, dtype)
         else:
-            model, tok = load_checkpoint(args.model, device, dtype, args.trust_remote_code)
+            if args.merge_lora and args.lora is None:
+                return err("--merge-lora needs --lora DIR")
+            model, tok = load_checkpoint(args.model, device, dtype, args.trust_remote_code,
+                                         lora=args.lora, merge_lora=args.merge_lora)
+            if args.lora is not None and args.merge_lora:
+                print(MERGE_NOTE, file=sys.stderr)
         mask_id = args.mask_id
         if mask_id is None and getattr(getattr(model, "config", None), "mask_token_id", None) is None:
             mask_id = getattr(tok, "mask_token_id", None)

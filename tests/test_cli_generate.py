@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _checkpoints import CHAT_TEMPLATE, save_tiny_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -101,25 +102,6 @@ def test_command_table_entry():
     assert res.stdout.strip()
 
 
-def _save_char_tokenizer(path, chat_template=None):
-    """A transformers fast tokenizer with the tiny model's character vocabulary, saved to `path`."""
-    from tokenizers import Tokenizer, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from evofast.models.tiny_tokenizer import CharTokenizer
-    ct = CharTokenizer()
-    vocab = {t: i for i, t in enumerate(ct.tokens)}
-    inner = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    # like LLaMA-style tokenizers, it puts a BOS in front of every text it encodes
-    inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<eos>", mask_token="<mask>")
-    if chat_template:
-        tok.chat_template = chat_template
-    tok.save_pretrained(path)
-    return tok
-
-
 @pytest.mark.parametrize("chat", [False, True])
 def test_checkpoint_directory(tmp_path, capsys, chat):
     """A saved evofast LLaDA checkpoint (random weights) and tokenizer load through the Auto classes; the
@@ -127,12 +109,7 @@ def test_checkpoint_directory(tmp_path, capsys, chat):
     import torch
 
     from evofast.generation import generate
-    from evofast.models import llada
-    model = llada.tiny(vocab_size=100, d_model=32, n_layers=1, n_heads=2, seed=3)
-    model.save_pretrained(tmp_path)
-    template = ("{% for m in messages %}<bos>Q: {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}A:{% endif %}")
-    tok = _save_char_tokenizer(tmp_path, template if chat else None)
+    model, tok = save_tiny_checkpoint(tmp_path, chat_template=CHAT_TEMPLATE if chat else None)
     code, out, err = _main(capsys, "--model", str(tmp_path), "--prompt", "hi", "--gen-length", "8",
                            "--block-length", "8", "--steps", "4", "--device", "cpu")
     assert code == 0, err
@@ -153,10 +130,9 @@ def test_checkpoint_loader_rebuilds_rope_buffers_where_the_model_can(tmp_path, m
     transformers 5 its RoPE buffers load uninitialised)."""
     import torch
 
-    from evofast.cli_generate import load_checkpoint
     from evofast.models import llada
-    llada.tiny(vocab_size=100, d_model=32, n_layers=1, n_heads=2, seed=3).save_pretrained(tmp_path)
-    _save_char_tokenizer(tmp_path)
+    from evofast.models.loading import load_checkpoint
+    save_tiny_checkpoint(tmp_path, chat_template=None)
     calls = []
     monkeypatch.setattr(llada.LLaDAModelLM, "reset_rope_parameters", lambda self: calls.append(self), raising=False)
     model, _ = load_checkpoint(str(tmp_path), "cpu", torch.float32, False)

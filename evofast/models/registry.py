@@ -21,7 +21,8 @@ from torch import nn
 
 from .base import Adapter
 
-__all__ = ["patch", "unpatch", "get_adapter", "is_patched", "adapter_class", "register_adapter", "MODEL_TYPES"]
+__all__ = ["patch", "unpatch", "get_adapter", "is_patched", "adapter_class", "register_adapter", "unwrap",
+           "MODEL_TYPES"]
 
 #: attribute of a patched model holding its adapter
 ATTR = "_evofast_adapter"
@@ -106,6 +107,20 @@ def adapter_class(model: nn.Module) -> Type[Adapter]:
     raise TypeError(f"evofast.patch: {_why_unsupported(model, model_type)}. Supported: {SUPPORTED}.")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under wrappers that only forward to it: peft's `PeftModel`
+    (`get_base_model()`: the model whose layers peft replaced by LoRA layers, which
+    stay active and unmerged) and DDP / FSDP (`.module`), in any nesting."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+    return model
+
+
 def is_patched(model: nn.Module) -> bool:
     return isinstance(getattr(model, "__dict__", {}).get(ATTR), Adapter)
 
@@ -113,12 +128,20 @@ def is_patched(model: nn.Module) -> bool:
 def patch(model: nn.Module, mask_id: Optional[int] = None) -> nn.Module:
     """Make `model` usable by `evofast.generate` and `evofast.cts`; returns the same object.
 
+    A peft `PeftModel` (LoRA, unmerged) or a DDP / FSDP wrapper is supported around
+    any supported model: the model inside is patched, its LoRA layers stay active,
+    and the wrapper holds the same adapter (`unpatch` on the wrapper undoes it).
+
     Idempotent: patching a patched model returns it untouched (a different
     `mask_id` is a ValueError: unpatch first). `mask_id` defaults to the
     config's (`mask_token_id`); a model whose config has none (BERT-like
     checkpoints keep it in the tokenizer) needs it passed. Unsupported models
     get a TypeError naming what is missing.
     """
+    inner = unwrap(model) if isinstance(model, nn.Module) else model
+    if inner is not model:            # a peft / DDP wrapper: the adapter serves the model inside
+        model.__dict__[ATTR] = get_adapter(inner, mask_id)
+        return model
     current = model.__dict__.get(ATTR) if isinstance(model, nn.Module) else None
     if current is not None:
         if mask_id is not None and _as_int(mask_id) != current.mask_id:
@@ -147,7 +170,10 @@ def patch(model: nn.Module, mask_id: Optional[int] = None) -> nn.Module:
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch` (a no-op on a model that is not patched); returns the same object."""
     adapter = model.__dict__.pop(ATTR, None) if isinstance(model, nn.Module) else None
-    if adapter is not None:
+    inner = unwrap(model) if isinstance(model, nn.Module) else model
+    if inner is not model:
+        unpatch(inner)
+    elif adapter is not None:
         adapter.remove()
     return model
 
