@@ -1,6 +1,6 @@
 """`evofast train-base`: pretrain a small LLaDA-architecture model from scratch on a synthetic task.
 
-    evofast train-base --task add[:digits=3] | mul[:digits=3] | countdown[:count=3,hi=12] --out DIR
+    evofast train-base --task add[:digits=3] | mul[:digits=3] | countdown-synth[:count=3,hi=12] --out DIR
         [--minutes 10] [--steps 3000] [--batch-size 64] [--lr 2e-3] [--d-model 128] [--layers 4]
         [--heads 4] [--seed 0] [--device auto] [--threads N] [--eval-n 200]
 
@@ -32,7 +32,7 @@ HELP = "pretrain a small LLaDA-architecture model from scratch on a synthetic ta
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="add", metavar="NAME[:k=v,...]",
-                        help="add | mul | countdown, optionally with parameters, e.g. add:digits=2 (default add)")
+                        help="add | mul | countdown-synth, optionally with parameters, e.g. add:digits=2 (default add)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps at most (3000)")
     parser.add_argument("--minutes", type=float, default=10.0,
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        task = parse_task(args.task)
+        task = parse_task(args.task, synthetic=True)
         device = pick_device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -135,11 +135,11 @@ def test_test_set_distinct_seeded_and_bounded():
 def test_parse_task_and_errors():
     assert repr(tasks.parse_task("add")) == "Addition(digits=3)"
     assert repr(tasks.parse_task("add:digits=2")) == "Addition(digits=2)"
-    assert repr(tasks.parse_task("countdown:count=4,hi=9")) == "Countdown(count=4, hi=9)"
+    assert repr(tasks.parse_task("countdown-synth:count=4,hi=9")) == "Countdown(count=4, hi=9)"
     t = tasks.parse_task("mul:digits=2")
     assert repr(tasks.task_from_spec(json.loads(json.dumps(t.spec())))) == repr(t)
     for bad, match in [("sub", "task"), ("add:digits=9", "digits"), ("add:digits=x", "key=INT"),
-                       ("add:width=3", "bad parameters"), ("countdown:count=1", "count"), ("", "task")]:
+                       ("add:width=3", "bad parameters"), ("countdown-synth:count=1", "count"), ("", "task")]:
         with pytest.raises(ValueError, match=match):
             tasks.parse_task(bad)
 
@@ -178,3 +178,15 @@ def test_tokenizer_roundtrip_and_autotokenizer(tmp_path):
     assert again.mask_token_id == tok.mask_token_id and again.padding_side == "left"
     assert again.decode(ids, skip_special_tokens=True) == text
     assert tok("A")["input_ids"][1] == tok.unk_token_id            # unknown characters
+
+
+def test_synthetic_countdown_keeps_its_problems_and_old_specs():
+    # renamed "countdown-synth" (the paper's benchmark is "countdown"): the same seeds give the same problems
+    t = tasks.get_task("countdown-synth", count=3, hi=12)
+    assert [e.prompt for e in t.test_set(5, seed=1)] == ["4,8,4:1=", "2,6,3:11=", "6,2,6:14=", "2,12,1:22=",
+                                                         "1,3,7:11="]
+    assert t.spec()["task"] == "countdown-synth" and repr(tasks.task_from_spec(t.spec())) == repr(t)
+    old = {**t.spec(), "task": "countdown"}                 # a model directory from before the rename
+    assert repr(tasks.task_from_spec(old)) == "Countdown(count=3, hi=12)"
+    with pytest.raises(ValueError, match="synthetic task"):
+        tasks.parse_task("countdown", synthetic=True)

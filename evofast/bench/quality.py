@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     device = _common.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = parse_task(args.task)
+    task = parse_task(args.task, synthetic=True)
     bad = [d for d in args.steps_div if d < 1 or task.gen_length % d or (task.gen_length // d) % (
         task.gen_length // task.block_length)]
     if bad:

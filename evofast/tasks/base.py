@@ -38,6 +38,7 @@ class Task:
     implement `make(rng) -> Example` and `extract(text) -> answer or None`."""
 
     name = "task"
+    stream_key = None            # seeds the streams instead of `name` (a renamed task keeps its problems)
     prompt_length = 16
     gen_length = 32              # a multiple of 8
     block_length = 8             # so steps = gen/2 and gen/4 both split evenly over the blocks
@@ -69,7 +70,7 @@ class Task:
         """Endless examples of one split ("train" or "test"), the same for the same seed."""
         if split not in ("train", "test"):
             raise ValueError(f"split: must be 'train' or 'test', got {split!r}")
-        rng = random.Random(f"{self.name}:{split}:{seed}")
+        rng = random.Random(f"{self.stream_key or self.name}:{split}:{seed}")
         want_test = split == "test"
         while True:
             ex = self.make(rng)

@@ -1,10 +1,12 @@
 """Countdown: reach a target from given numbers with + - * /, each number used at most once.
 
-The answer is checked by walking the `ast` of the expression (never `eval`): only
-integer literals, the four binary operators, unary minus and parentheses are
-accepted, arithmetic is exact (`fractions.Fraction`), and the size of the text,
-of each literal and of every intermediate value is bounded, so no input can run
-code, raise, or take long.
+Expressions are evaluated by walking their `ast` (never `eval`) with an `Arithmetic`
+policy: which operators and literals are accepted, whether arithmetic is exact
+(`fractions.Fraction`) or Python's own (ints and floats, as `eval` would compute),
+and bounds on the text, the literals and every intermediate value, so no input can
+run code, raise, or take long. `safe_arith` is the strict exact policy of the
+synthetic task; the paper's Countdown rule (`evofast.tasks.paper_rules`) uses a
+Python-semantics policy.
 """
 from __future__ import annotations
 
@@ -17,45 +19,108 @@ from typing import Optional, Sequence
 
 from .base import Example, Task
 
-__all__ = ["safe_arith", "check_countdown", "make_countdown", "Countdown"]
+__all__ = ["Arithmetic", "safe_arith", "check_countdown", "make_countdown", "Countdown"]
 
-MAX_TEXT = 64                 # characters of an expression the checker reads
+MAX_TEXT = 64                 # characters of an expression the synthetic checker reads
 MAX_LITERAL = 10 ** 6
 MAX_VALUE = 10 ** 12          # intermediate values beyond this are rejected (no huge products)
 
 _ALLOWED = set("0123456789+-*/() ")
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 _ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+_BINARY = {"+": (ast.Add, operator.add), "-": (ast.Sub, operator.sub), "*": (ast.Mult, operator.mul),
+           "/": (ast.Div, operator.truediv), "//": (ast.FloorDiv, operator.floordiv), "**": (ast.Pow, operator.pow)}
+_UNARY = {"-": (ast.USub, operator.neg), "+": (ast.UAdd, operator.pos)}
 
 
 class _Reject(Exception):
     pass
 
 
-def _walk(node, literals: list) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _walk(node.body, literals)
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        if node.value > MAX_LITERAL:
-            raise _Reject("literal too large")
-        literals.append(node.value)
-        return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_walk(node.operand, literals)
-    if isinstance(node, ast.BinOp):
-        a, b = _walk(node.left, literals), _walk(node.right, literals)
-        if isinstance(node.op, ast.Div):
-            if b == 0:
-                raise _Reject("division by zero")
-            v = a / b
-        elif type(node.op) in _OPS:
-            v = _OPS[type(node.op)](a, b)
-        else:                                   # Pow, Mod, FloorDiv, bit ops...: not Countdown
-            raise _Reject(f"operator {type(node.op).__name__}")
-        if abs(v) > MAX_VALUE or v.denominator > MAX_VALUE:
-            raise _Reject("value too large")
-        return v
-    raise _Reject(f"node {type(node).__name__}")  # names, calls, attributes, strings, floats...
+class Arithmetic:
+    """A bounded evaluator of arithmetic text: `policy(text) -> (value, literals)` or None.
+
+    ops:       the binary operators accepted, among "+ - * / // **"
+    unary:     the unary operators accepted, among "- +"
+    floats:    accept float literals ("3.5", "3.", ".5") besides decimal ints
+    exact:     literals become `Fraction`s (exact arithmetic, "/" exact); otherwise they
+               stay Python numbers and every operator does what it does in Python
+               (int / int is a float, (-8) ** 0.5 is complex...), as `eval` would
+    max_text:  longer texts are rejected unread
+    max_value: a bound on the magnitude of ints and Fractions (and on a Fraction's
+               denominator), literal or intermediate; a power whose result would pass it
+               is rejected before it is computed. Floats and complex numbers have a
+               fixed size and are not bounded (an overflow is rejected as an error).
+    max_literal: a bound on int literals (default max_value)
+
+    Anything else (names, calls, strings, comparisons, other operators), a syntax
+    error, an arithmetic error (division by zero, float overflow, a complex operand
+    where Python refuses one) or a nesting too deep to walk gives None."""
+
+    def __init__(self, *, ops: str, unary: str, floats: bool, exact: bool, max_text: int, max_value: int,
+                 max_literal: Optional[int] = None):
+        self.ops = dict(_BINARY[o] for o in ops.split())          # ast node type -> operator
+        self.unary = dict(_UNARY[o] for o in unary.split())
+        self.literals = (int, float) if floats else (int,)
+        self.exact, self.max_text, self.max_value = exact, max_text, max_value
+        self.max_literal = max_value if max_literal is None else max_literal
+
+    def __call__(self, text: str) -> Optional[tuple]:
+        if not isinstance(text, str) or len(text) > self.max_text:
+            return None
+        try:
+            tree = ast.parse(text.strip(), mode="eval")
+            literals: list = []
+            return self._walk(tree.body, literals), literals
+        except (SyntaxError, ValueError, _Reject, RecursionError, MemoryError):
+            return None
+
+    def _fits(self, v, bound: int) -> bool:
+        if isinstance(v, Fraction):
+            return abs(v) <= bound and v.denominator <= bound
+        if isinstance(v, int):
+            return abs(v) <= bound
+        return True                                  # float, complex: fixed size
+
+    def _walk(self, node, literals: list):
+        if isinstance(node, ast.Constant) and type(node.value) in self.literals:
+            if not self._fits(node.value, self.max_literal):
+                raise _Reject("literal too large")
+            literals.append(node.value)
+            return Fraction(node.value) if self.exact else node.value
+        if isinstance(node, ast.UnaryOp):
+            # a chain of signs ("---5") is unwound in a loop: Python's parser accepts ~2900 of
+            # them, far more than this walk could recurse into
+            signs = []
+            while isinstance(node, ast.UnaryOp) and type(node.op) in self.unary:
+                signs.append(self.unary[type(node.op)])
+                node = node.operand
+            value = self._walk(node, literals)
+            for sign in reversed(signs):
+                value = sign(value)
+            return value
+        if isinstance(node, ast.BinOp) and type(node.op) in self.ops:
+            a, b = self._walk(node.left, literals), self._walk(node.right, literals)
+            if isinstance(node.op, ast.Pow) and self._power_too_large(a, b):
+                raise _Reject("power too large")
+            try:
+                v = self.ops[type(node.op)](a, b)
+            except (ArithmeticError, TypeError, ValueError) as e:   # 1/0, float overflow, complex // ...
+                raise _Reject(str(e)) from None
+            if not self._fits(v, self.max_value):
+                raise _Reject("value too large")
+            return v
+        raise _Reject(f"node {type(node).__name__}")  # names, calls, strings, other operators...
+
+    def _power_too_large(self, base, exp) -> bool:
+        # only an int to a large non-negative int power grows without bound (and takes long);
+        # float powers overflow into an error, negative powers are floats
+        if not (type(base) is int and type(exp) is int) or exp <= 0 or abs(base) <= 1:
+            return False
+        return (abs(base).bit_length() - 1) * exp > self.max_value.bit_length()
+
+
+_SYNTHETIC = Arithmetic(ops="+ - * /", unary="-", floats=False, exact=True, max_text=MAX_TEXT,
+                        max_value=MAX_VALUE, max_literal=MAX_LITERAL)
 
 
 def safe_arith(text: str) -> Optional[tuple]:
@@ -63,14 +128,9 @@ def safe_arith(text: str) -> Optional[tuple]:
     the text is not one (any character but digits, + - * /, parentheses and spaces; any
     syntax but decimal ints, the four operators, unary minus and parentheses), is longer
     than MAX_TEXT, divides by zero, or leaves the bounds. Never evaluates code."""
-    if not isinstance(text, str) or len(text) > MAX_TEXT or not set(text) <= _ALLOWED:
+    if not isinstance(text, str) or not set(text) <= _ALLOWED:
         return None                 # the character set alone rules out names, calls, 0x10, 1e3, 1_000...
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-        literals: list = []
-        return _walk(tree, literals), literals
-    except (SyntaxError, ValueError, _Reject, RecursionError, MemoryError):
-        return None
+    return _SYNTHETIC(text)
 
 
 def check_countdown(expression: str, numbers: Sequence[int], target: int) -> bool:
@@ -110,7 +170,8 @@ class Countdown(Task):
     """Prompt "3,5,2:16=" (the numbers, the target), response an expression that reaches
     the target, e.g. "(3+5)*2". Any correct expression counts, not only the generated one."""
 
-    name = "countdown"
+    name = "countdown-synth"
+    stream_key = "countdown"     # its name until the paper's Countdown took it: the same seeds, the same problems
 
     def __init__(self, count: int = 3, hi: int = 12):
         if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= 5:
