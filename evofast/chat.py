@@ -2,8 +2,9 @@
 
 With a chat template the template's text already holds the special tokens it
 wants (LLaDA's starts with ``<|startoftext|>``), so it is tokenized with
-``add_special_tokens=False``: tokenizing it with the default would put a second
-BOS in front. Without a template the tokenizer adds its special tokens as usual.
+``add_special_tokens=False``: a tokenizer that adds a BOS of its own would put a
+second one in front (LLaDA-8B-Instruct's adds none, so for it both calls give the
+same ids). Without a template the tokenizer adds its special tokens as usual.
 """
 from __future__ import annotations
 

@@ -1,83 +1,170 @@
-"""`evofast eval`: exact-match accuracy and tokens/s of a trained model on its task's test split.
+"""`evofast eval`: a model's accuracy and speed on a task, over a grid of decoding settings.
 
-    evofast eval --model DIR [--task NAME[:k=v,...]] [--mode hard|evotoken] [--cache none|prefix|dual]
-        [--steps N] [--gen-length N] [--block-length N] [--k-soft 3] [--alpha 0.7] [--problems 500]
-        [--seed 0] [--batch-size 128] [--json FILE] [--device auto] [--threads N]
+The paper's benchmarks (gsm8k, math500, svamp, countdown) on a checkpoint, with the
+released LoRA, the authors' grid in one model load, resumable:
 
-DIR is a checkpoint written by `evofast train-base` (or `train-cts` on one): the task
-defaults to DIR's `evofast_task.json`, steps to gen_length / 2. Prints one line with
-the accuracy and its Wilson 95% interval (and a JSON record with --json, which also
-holds the exact command and a few decoded samples).
+    evofast eval --model LLaDA-8B-Instruct --lora EvoToken_LLaDA_Instruct_8B_Lora \\
+        --task gsm8k --data gsm8k_test.jsonl --out results/gsm8k
 
-Several processes: `torchrun --nproc-per-node N -m evofast eval ...` (or `accelerate
-launch -m evofast eval ...`) splits the test set over the processes and gathers the
-results; rank 0 prints and writes the JSON.
+For these tasks the defaults are the authors' grid (start_eval.sh): evotoken mode,
+gen length 128 and 256, steps = gen length x 0.5, block 32, k_soft 3, alpha 0.9 0.8
+0.7 0.6 0.5, temperature 0.5; override any of them. --data is a local .jsonl /
+.json / .parquet file with the dataset's own fields, or a hub name `datasets` can
+load. --out is required: every configuration's per-example records (question,
+prompt, generation, ground truth, extracted answer, correct) are appended to
+OUT/<configuration>/rank<R>.jsonl batch by batch, so a crash or Ctrl-C loses at
+most one batch and the same command resumes where it stopped; a different command
+into the same OUT is refused before the model loads. At the end OUT/summary.json
+and summary.md hold per configuration the accuracy with its Wilson 95% interval,
+tokens/s, seconds and forwards per example, and the best alpha marked (chosen on
+the test set, as the paper reports it); --authors-layout also writes the authors'
+{task}_{gen}_{steps}_0_generations.json files under OUT/authors/ for their get_acc.py.
+
+A synthetic task on a model from `evofast train-base` (the task defaults to the
+model directory's evofast_task.json) without --out decodes one configuration of
+its test split and prints one line (and a JSON record with --json):
+
+    evofast eval --model DIR [--task add:digits=2] [--mode evotoken] [--problems 500]
+
+Prompts are sorted by length and batched with left padding (--batch-size; 1 is the
+authors' setting and the token-for-token one at temperature 0). Several processes:
+`torchrun --nproc-per-node N -m evofast eval ...` splits the examples over them.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 from .cli import keeps_torch_threads
 
-HELP = "exact-match accuracy (with a Wilson 95 percent interval) and tokens/s of a trained model on a task"
+HELP = "accuracy of a model on the paper's benchmarks (a resumable grid) or a synthetic task"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (train-base / train-cts)")
-    parser.add_argument("--task", default=None, metavar="NAME[:k=v,...]",
-                        help="task (default: the one saved in DIR's evofast_task.json)")
-    parser.add_argument("--mode", choices=("hard", "evotoken"), default="hard")
-    parser.add_argument("--cache", choices=("none", "prefix", "dual"), default="none")
-    parser.add_argument("--steps", type=int, default=None, help="decoding steps (default gen_length / 2)")
-    parser.add_argument("--gen-length", type=int, default=None, help="default: the task's")
-    parser.add_argument("--block-length", type=int, default=None, help="default: the task's")
-    parser.add_argument("--k-soft", type=int, default=3)
-    parser.add_argument("--alpha", type=float, default=0.7)
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    g.add_argument("--lora", metavar="DIR", default=None, help="a LoRA adapter directory, loaded unmerged")
+    g.add_argument("--merge-lora", action="store_true", help="fold --lora into the weights (not token-identical)")
+    g.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own model code")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 on a GPU, fp32 on the CPU")
+    g = parser.add_argument_group("task")
+    g.add_argument("--task", default=None, metavar="NAME[:k=v,...]",
+                   help="gsm8k | math500 | svamp | countdown, or a synthetic task (default: DIR's evofast_task.json)")
+    g.add_argument("--data", default=None, metavar="FILE", help="the benchmark's test file, or a hub name")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N examples")
     # not --n: torchrun would read it as an abbreviation of its own --nnodes / --nproc-per-node
-    parser.add_argument("--problems", type=int, default=500, help="test problems (500)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the test sample")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--json", metavar="FILE", default=None, help="write the result record here")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when available; "
-                                                         "under torchrun cuda:LOCAL_RANK)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
+    g.add_argument("--problems", type=int, default=500, help="synthetic tasks: test problems (500)")
+    g = parser.add_argument_group("decoding grid (every combination of the values given)")
+    g.add_argument("--mode", choices=("hard", "evotoken"), default=None,
+                   help="default: evotoken for the paper's benchmarks, hard for synthetic tasks")
+    g.add_argument("--gen-length", type=int, nargs="+", default=None, metavar="N")
+    g.add_argument("--steps", type=int, nargs="+", default=None, metavar="N", help="one, or one per gen length")
+    g.add_argument("--steps-factor", type=float, default=None, metavar="F", help="steps = gen length x F (0.5)")
+    g.add_argument("--block-length", type=int, default=None, metavar="N")
+    g.add_argument("--k-soft", type=int, default=None, metavar="K")
+    g.add_argument("--alpha", type=float, nargs="+", default=None, metavar="A")
+    g.add_argument("--temperature", type=float, default=None, metavar="T")
+    g.add_argument("--threshold", type=float, default=None, metavar="C", help="confidence-threshold decoding")
+    g.add_argument("--cache", choices=("none", "prefix", "dual"), default="none")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=None, metavar="DIR", help="the run's directory (required for the benchmarks)")
+    g.add_argument("--authors-layout", action="store_true", help="also write the authors' result files")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (and the synthetic test sample's)")
+    g.add_argument("--json", metavar="FILE", default=None, help="without --out: write the result record here")
+    g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when available; "
+                                                    "under torchrun cuda:LOCAL_RANK)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-progress", action="store_true")
 
 
-def load_model_and_task(path, task_text, device):
-    """(model patched for generate, tokenizer, task) of a train-base / train-cts directory."""
+def load_model_and_task(path, task_text, device, dtype=None, *, lora=None, merge_lora=False,
+                        trust_remote_code=False):
+    """(model patched for generate, tokenizer, task) of a checkpoint directory."""
     import torch
 
-    from .cli_generate import load_checkpoint
+    from .models.loading import load_checkpoint
     from .models.registry import patch
-    from .tasks import TASK_FILE, parse_task, task_from_spec
 
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"--model: {path} is not a directory")
-    if task_text:
-        task = parse_task(task_text)
-    elif (path / TASK_FILE).exists():
-        task = task_from_spec(json.loads((path / TASK_FILE).read_text()))
-    else:
-        raise ValueError(f"--task: {path} has no {TASK_FILE}; name the task")
-    model, tok = load_checkpoint(str(path), device, torch.float32, False)
-    patch(model, mask_id=tok.mask_token_id if model.config.mask_token_id is None else None)
+    task = resolve_task(path, task_text)
+    model, tok = load_checkpoint(str(path), device, dtype or torch.float32, trust_remote_code,
+                                 lora=lora, merge_lora=merge_lora)
+    inner_config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+    patch(model, mask_id=tok.mask_token_id if getattr(inner_config, "mask_token_id", None) is None else None)
     return model, tok, task
 
 
-def _device(name):
+def resolve_task(path: Path, task_text):
+    from .tasks import TASK_FILE, parse_task, task_from_spec
+
+    if task_text:
+        return parse_task(task_text)
+    if (Path(path) / TASK_FILE).exists():
+        return task_from_spec(json.loads((Path(path) / TASK_FILE).read_text()))
+    raise ValueError(f"--task: {path} has no {TASK_FILE}; name the task")
+
+
+def _device_dtype(args):
     import os
 
     import torch
 
     from .bench._common import pick_device
-    if name in (None, "auto") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return pick_device(name)
+    if args.device in (None, "auto") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    else:
+        device = pick_device(args.device)
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return device, names.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def _grid(args, task, paper: bool):
+    """The configurations the flags ask for, with the task's defaults."""
+    from .evaluation import expand_grid
+
+    mode = args.mode or ("evotoken" if paper else "hard")
+    if paper:
+        gens = args.gen_length or list(task.gen_lengths)
+        alphas = args.alpha or list(task.alphas)
+        block, k, temp = task.block_length, task.k_soft, task.temperature
+    else:
+        gens = args.gen_length or [task.gen_length]
+        alphas = args.alpha or [0.7]
+        block, k, temp = min(task.block_length, gens[0]), 3, 0.0
+    return expand_grid(mode=mode, gen_lengths=gens, steps=args.steps, steps_factor=args.steps_factor,
+                       block_length=args.block_length or block, alphas=alphas,
+                       k_soft=args.k_soft if args.k_soft is not None else k,
+                       temperature=args.temperature if args.temperature is not None else temp,
+                       cache=None if args.cache == "none" else args.cache, threshold=args.threshold)
+
+
+def _examples(args, task, paper: bool) -> tuple:
+    """(examples, a description of the data for the run's settings)."""
+    if paper:
+        if args.data is None:
+            raise ValueError(f"--data: the {task.name} benchmark needs its test file (or a hub name); see "
+                             "`evofast eval --help`")
+        exs = task.load(args.data)
+        p = Path(args.data)
+        data = ({"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} if p.is_file()
+                else {"hub": args.data})
+    else:
+        if args.data is not None:
+            raise ValueError(f"--data: the synthetic task {task.name!r} makes its own test split")
+        exs = task.test_set(args.problems, args.seed)
+        data = {"synthetic": task.spec(), "problems": args.problems}
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit: must be >= 1, got {args.limit}")
+        exs = exs[:args.limit]
+    return exs, data
 
 
 @keeps_torch_threads
@@ -85,15 +172,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    def err(msg):
-        print(f"evofast eval: error: {msg}", file=sys.stderr)
-        return 2
-
     if args.threads:
         torch.set_num_threads(args.threads)
     owned = dist.is_available() and not dist.is_initialized()    # a group we start, we also end
     try:
-        return _run(args, err)
+        return _run(args)
+    except (OSError, ValueError, ImportError, NotImplementedError) as e:
+        print(f"evofast eval: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if owned and dist.is_initialized():
             # all ranks leave together; without it a rank can abort at exit while gloo still runs
@@ -101,30 +187,95 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _run(args, err) -> int:
+def _run(args) -> int:
     import torch
 
-    from .bench import _common
-    from .evaluate import distributed_context, evaluate
+    from .tasks import PaperTask
 
-    try:
-        device = _device(args.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        model, tok, task = load_model_and_task(args.model, args.task, device)
-        rank, world = distributed_context(device)
-        res = evaluate(model, tok, task, n=args.problems, seed=args.seed, mode=args.mode,
-                       cache=None if args.cache == "none" else args.cache, steps=args.steps,
-                       gen_length=args.gen_length, block_length=args.block_length, k_soft=args.k_soft,
-                       alpha=args.alpha, batch_size=args.batch_size, progress=not args.no_progress)
-    except (OSError, ValueError, NotImplementedError) as e:
-        return err(str(e))
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.merge_lora and args.lora is None:
+        raise ValueError("--merge-lora needs --lora DIR")
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model: {args.model} is not a directory")
+    task = resolve_task(Path(args.model), args.task)
+    paper = isinstance(task, PaperTask)
+    if args.lora is not None:
+        from .models.loading import check_lora
+        check_lora(args.lora, args.model)
+    configs = _grid(args, task, paper)
+    examples, data = _examples(args, task, paper)
+    device, dtype = _device_dtype(args)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.out is None:
+        if paper:
+            raise ValueError("--out: the paper's benchmarks write their results to a run directory; give --out DIR")
+        if len(configs) != 1:
+            raise ValueError(f"--out: {len(configs)} configurations need a run directory; give --out DIR")
+        return _one_configuration(args, task, examples, configs[0], device, dtype)
+    store = _claim_store(args, task, data, configs, dtype, device, len(examples))
+    model, tok, _ = load_model_and_task(args.model, args.task, device, dtype, lora=args.lora,
+                                        merge_lora=args.merge_lora, trust_remote_code=args.trust_remote_code)
+    from .evaluation import run_grid
+    run_grid(model, tok, task, examples, configs, store, batch_size=args.batch_size, seed=args.seed,
+             progress=not args.no_progress, authors_layout=args.authors_layout)
+    from .evaluation.runner import distributed_context
+    if distributed_context(device)[0] == 0:
+        print(f"wrote {store.out / 'summary.md'} and summary.json", file=sys.stderr)
+    return 0
+
+
+def _claim_store(args, task, data, configs, dtype, device, n):
+    """The run directory, claimed by process 0 before any model loads; every process stops if it fails."""
+    from . import __version__
+    from .evaluation import ResultStore
+    from .evaluation.runner import distributed_context
+
+    settings = {"model": str(Path(args.model).resolve()), "lora": args.lora and str(Path(args.lora).resolve()),
+                "merge_lora": args.merge_lora, "trust_remote_code": args.trust_remote_code,
+                "dtype": str(dtype).replace("torch.", ""), "task": getattr(task, "name", str(task)),
+                "data": data, "examples": n, "seed": args.seed, "batch_size": args.batch_size,
+                "configurations": [c.name for c in configs], "evofast": __version__}
+    store = ResultStore(args.out, settings)
+    rank, world = distributed_context(device)
+    problem = None
+    if rank == 0:
+        try:
+            state = store.claim()
+            if state == "resume" and not args.no_progress:
+                print(f"evofast eval: resuming the run in {store.out}", file=sys.stderr)
+        except ValueError as e:
+            problem = str(e)
+    if world > 1:
+        import torch.distributed as dist
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ValueError(problem)
+    return store
+
+
+def _one_configuration(args, task, examples, config, device, dtype) -> int:
+    """A synthetic task's single configuration, in memory: one line, and a JSON record with --json."""
+    from .bench import _common
+    from .evaluate import evaluate
+    from .evaluation.runner import distributed_context
+
+    model, tok, _ = load_model_and_task(args.model, args.task, device, dtype, lora=args.lora,
+                                        merge_lora=args.merge_lora, trust_remote_code=args.trust_remote_code)
+    rank, world = distributed_context(device)
+    res = evaluate(model, tok, task, examples=examples, seed=args.seed, mode=config.mode, cache=config.cache,
+                   steps=config.steps, gen_length=config.gen_length, block_length=config.block_length,
+                   k_soft=config.k_soft or 3, alpha=config.alpha if config.alpha is not None else 0.7,
+                   temperature=config.temperature, threshold=config.threshold, batch_size=args.batch_size,
+                   progress=not args.no_progress)
     if rank != 0:
         return 0
-    res = {"model": str(args.model), **res, "command": _common.command_line(),
-           "env": _common.environment(device)}
+    res = {"model": str(args.model), **res, "command": _common.command_line(), "env": _common.environment(device)}
     tps = res["tokens_per_s"]
-    print(f"{task.name} {args.mode} cache={res['cache']} steps={res['steps']}: accuracy {res['accuracy']:.3f} "
+    print(f"{task.name} {config.mode} cache={res['cache']} steps={res['steps']}: accuracy {res['accuracy']:.3f} "
           f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}] ({res['correct']}/{res['n']}), "
           f"{tps:.0f} tokens/s on {world} process{'es' if world > 1 else ''}")
     if args.json:

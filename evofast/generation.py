@@ -188,7 +188,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              threshold: Optional[float] = None, cache: Optional[str] = None,
              generator: Optional[torch.Generator] = None, *, cache_refresh: Optional[int] = None,
              compile: bool = False, progress: bool = False, return_trace: bool = False,
-             backend: Optional[str] = None):
+             backend: Optional[str] = None, stats: Optional[dict] = None):
     """Generate `gen_length` tokens after each prompt with EvoToken ("evotoken") or hard-mask ("hard") decoding.
 
     Args:
@@ -212,6 +212,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         progress: a tqdm bar over the forwards (steps).
         return_trace: also return an `evofast.trace.Trace` of every step.
         backend: force an ops backend ("torch", "cpp", "triton", "cuda") for evo_step / soft_embed.
+        stats: a dict to fill with `forwards` (model forwards of the batch) and `row_forwards`
+            (per row, the forwards it took part in: its decoding steps).
 
     Returns:
         `(B, P + gen_length)` int64 on the model's device: the prompts (pads as given) and
@@ -236,6 +238,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         cache_refresh = _positive_int("cache_refresh", cache_refresh)
     if not isinstance(compile, bool):
         _fail("compile", f"expected a bool, got {compile!r}")
+    if stats is not None and not isinstance(stats, dict):
+        _fail("stats", f"expected a dict to fill, got {type(stats).__name__}")
     E = adapter.input_embeddings().weight
     device = E.device
     V = int(adapter.vocab_size)
@@ -283,6 +287,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
 
     blk = [0] * B                                                # current block per row (blocks = done)
     step_in_block = [0] * B
+    row_forwards = [0] * B
     soft = mode == "evotoken"
     rep_ids = rep_w = None                                       # (B, L, k + 1), made at the first step
     soft_from = L                                                # rows below it are plain E[x]
@@ -395,16 +400,16 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
 
             # ---- per row: block done? (one host sync per step)
             if all(b == bs[0] for b in bs):
-                stats = (xs[:, bs[0]:bs[0] + block_length] == M).sum(dim=1)
+                counts = (xs[:, bs[0]:bs[0] + block_length] == M).sum(dim=1)
             else:
                 bs_t = torch.tensor(bs, device=device)[:, None]
-                stats = ((xs == M) & (pos >= bs_t) & (pos < bs_t + block_length)).sum(dim=1)
+                counts = ((xs == M) & (pos >= bs_t) & (pos < bs_t + block_length)).sum(dim=1)
             if track_prompt_masks:
                 pm = (xs[:, :P] == M) & rows_of(real)
                 first = torch.where(pm.any(dim=1), pm.to(torch.int8).argmax(dim=1), L)
-                stats = torch.stack([stats, first])
-            stats = stats.tolist()
-            left = stats[0] if track_prompt_masks else stats
+                counts = torch.stack([counts, first])
+            counts = counts.tolist()
+            left = counts[0] if track_prompt_masks else counts
             if trace is not None:
                 _record(trace, forward_index, act, [blk[r] if blk[r] < blocks else -1 for r in range(B)],
                         (row0, row0 + lg.shape[1]), x, conf, rep_ids if soft else None,
@@ -412,8 +417,9 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                         lg=lg, temperature=temperature)
             for j, r in enumerate(act):
                 step_in_block[r] += 1
+                row_forwards[r] += 1
                 if track_prompt_masks:
-                    first_pm[r] = stats[1][j]
+                    first_pm[r] = counts[1][j]
                 if left[j] == 0:
                     blk[r] += 1
                     step_in_block[r] = 0
@@ -431,6 +437,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     out = x
     if am is not None:
         out[:, :P] = torch.where(real, out[:, :P], input_ids)   # pads as given (prompt masks stay filled)
+    if stats is not None:
+        stats.update(forwards=forward_index, row_forwards=row_forwards)
     return (out, trace) if return_trace else out
 
 

@@ -57,8 +57,8 @@ def test_answer_checker_exact_match():
     assert not t.check(ex, "2+0+0=02,1+3+0=04;420")
     assert not t.check(ex, "42")                                  # no ';': no answer
     assert not t.check(ex, "")
-    assert t.extract("1;2;3<eos>4") == "3" and t.extract("1;2;3<eos><eos>") == "3"
-    assert t.extract("1;42<mask><eos>") == "42"
+    assert t.extract(None, "1;2;3<eos>4") == "3" and t.extract(None, "1;2;3<eos><eos>") == "3"
+    assert t.extract(None, "1;42<mask><eos>") == "42"
 
 
 def test_countdown_checker_accepts_any_correct_expression():

@@ -54,8 +54,9 @@ class Task:
     def make(self, rng: random.Random) -> Example:
         raise NotImplementedError
 
-    def extract(self, text: str) -> Optional[str]:
-        """The final answer in a generated response (after the last ';'), or None."""
+    def extract(self, example: Optional[Example], text: str) -> Optional[str]:
+        """The final answer in a generated response (after the last ';'), or None. (`example` is
+        unused here; every task, the paper's too, takes it.)"""
         text = text.split("<")[0]           # '<' only starts a special token (<eos>, <mask>...)
         if ";" not in text:
             return None
@@ -63,7 +64,7 @@ class Task:
 
     def check(self, example: Example, text: str) -> bool:
         """Exact match of the extracted answer."""
-        return self.extract(text) == example.answer
+        return self.extract(example, text) == example.answer
 
     # ---- streams and splits
     def stream(self, split: str, seed: int) -> Iterator[Example]:

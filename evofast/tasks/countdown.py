@@ -191,10 +191,10 @@ class Countdown(Task):
         nums, expr, target = make_countdown(rng, self.count, 1, self.hi)
         return Example(f"{','.join(map(str, nums))}:{target}=", expr, str(target), tuple(nums))
 
-    def extract(self, text: str) -> Optional[str]:
+    def extract(self, example: Optional[Example], text: str) -> Optional[str]:
         text = text.split("<")[0].strip()    # up to the first special token
         return text or None
 
     def check(self, example: Example, text: str) -> bool:
-        expr = self.extract(text)
+        expr = self.extract(example, text)
         return expr is not None and check_countdown(expr, example.meta, int(example.answer))
