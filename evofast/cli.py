@@ -21,6 +21,7 @@ BENCHMARKS = {
     "generate": "evofast.bench.generate",
     "cts": "evofast.bench.cts",
     "quality": "evofast.bench.quality",
+    "eval": "evofast.bench.eval",
 }
 
 # top-level command -> module (besides `bench`)

@@ -116,7 +116,7 @@ def _device_dtype(args):
 
     import torch
 
-    from .bench._common import pick_device
+    from .devices import pick_device
     if args.device in (None, "auto") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     else:

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from . import pretrain
-    from .bench._common import pick_device
+    from .devices import pick_device
     from .tasks import parse_task
 
     def err(msg):

@@ -193,3 +193,13 @@ def test_eval_config_is_frozen():
     c = EvalConfig(mode="hard", gen_length=8, steps=4, block_length=8)
     with pytest.raises(Exception):
         c.mode = "evotoken"
+
+
+def test_bench_eval_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "eval", "--shape", "tiny", "--examples", "6", "--slow-examples", "2", "--batch", "3",
+                     "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["authors", "evofast-b1", "evofast-b3", "evofast-b3-dual"]
+    assert rows[1]["check"] == "ok"                          # batch 1: the authors' tokens
+    assert all(r["examples_per_s"] > 0 for r in rows) and rows[2]["examples"] == 6

@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..devices import pick_device, synchronize  # noqa: F401  (re-exported for the benchmarks)
+
 SCHEMA_VERSION = 1
 BUSY_THRESHOLD = 0.1     # share of all cores used by other processes above which a timing is "disturbed"
 
@@ -87,11 +89,6 @@ def percentile(xs: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak_memory(device: torch.device) -> Optional[int]:
@@ -228,15 +225,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def pick_device(name: Optional[str]) -> torch.device:
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
-    return dev
 
 
 # --------------------------------------------------------------------------- environment

@@ -28,18 +28,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..chat import left_pad, pad_id_of
+from ..devices import synchronize
 from .grid import EvalConfig
 from .report import mark_best_alpha, summarize, table, write_authors_layout
 from .results import ResultStore, write_json_atomic
 
-__all__ = ["decode_examples", "run_grid", "distributed_context", "synchronize"]
-
-
-def synchronize(device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU): for honest timings."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+__all__ = ["decode_examples", "run_grid", "distributed_context", "prompt_ids_of"]
 
 
 def distributed_context(device=None) -> tuple:
@@ -57,21 +51,29 @@ def distributed_context(device=None) -> tuple:
     return dist.get_rank(), dist.get_world_size()
 
 
+def prompt_ids_of(task, tok, ex) -> list:
+    """One example's prompt token ids, unpadded: `task.encode(ex, tok)` (the paper's benchmarks),
+    or the synthetic tasks' tokenization of `ex.prompt`."""
+    if callable(getattr(task, "encode", None)):
+        return list(task.encode(ex, tok))
+    return list(tok([ex.prompt])["input_ids"][0])
+
+
 def _encoder(task, tok):
-    """examples -> (ids, attention mask or None, prompt texts), and one example's prompt length."""
+    """examples -> (ids, attention mask or None, prompt texts)."""
     if callable(getattr(task, "encode", None)):
         def encode(exs):
-            ids, am = left_pad([task.encode(ex, tok) for ex in exs], pad_id_of(tok))
+            ids, am = left_pad([prompt_ids_of(task, tok, ex) for ex in exs], pad_id_of(tok))
             return ids, am, [task.prompt_text(ex, tok) for ex in exs]
-        return encode, lambda ex: len(task.encode(ex, tok))
+        return encode
 
     from ..pretrain import encode_batch
 
-    def encode_synthetic(exs):
+    def encode_synthetic(exs):                          # the fixed-width layout the model was trained on
         b = encode_batch(tok, task, exs, with_response=False)
         am = b["attention_mask"]
         return b["input_ids"], (None if bool(am.all()) else am), [ex.prompt for ex in exs]
-    return encode_synthetic, lambda ex: len(ex.prompt)
+    return encode_synthetic
 
 
 def _question(ex) -> str:
@@ -92,8 +94,10 @@ def decode_examples(model, tok, task, examples: Sequence, config: EvalConfig, *,
     from ..generation import generate
 
     device = next(model.parameters()).device
-    encode, length = _encoder(task, tok)
-    todo = sorted(range(len(examples)) if indices is None else indices, key=lambda i: (length(examples[i]), i))
+    encode = _encoder(task, tok)
+    lengths = {i: len(prompt_ids_of(task, tok, examples[i]))
+               for i in (range(len(examples)) if indices is None else indices)}
+    todo = sorted(lengths, key=lambda i: (lengths[i], i))
     records = []
     for s in range(0, len(todo), batch_size):
         idx = todo[s:s + batch_size]
@@ -111,7 +115,7 @@ def decode_examples(model, tok, task, examples: Sequence, config: EvalConfig, *,
         share = (time.perf_counter() - t0) / len(idx)
         texts = tok.batch_decode(out[:, ids.shape[1]:].tolist(), skip_special_tokens=False)
         batch = [{"index": i, "question": _question(ex), "prompt": p, "generation": text,
-                  "ground_truth": ex.answer, "extracted": task.extract(ex, text),
+                  "ground_truth": getattr(ex, "answer", None), "extracted": task.extract(ex, text),
                   "correct": bool(task.check(ex, text)), "seconds": share, "forwards": f}
                  for i, ex, p, text, f in zip(idx, exs, prompts, texts, stats["row_forwards"])]
         records += batch
