@@ -16,7 +16,8 @@ Records keep the dataset's own fields:
                                          countdown_cd3_test.jsonl, in the dataset/ folder of
                                          their repository github.com/aim-uofa/EvoTokenDLM.
                                          It is not shipped here (that repository has no
-                                         license file); download it and pass its path.
+                                         license file; its README allows academic use
+                                         only); download it and pass its path.
 
 Prompt. One user turn, `system_prompt + "\\n\\n" + question`, through the tokenizer's
 chat template with the generation prompt, then "<reasoning>" appended (the authors
