@@ -1,6 +1,7 @@
 // Declarations of the C++ CPU kernels (see csrc/README.md for the exact semantics).
 #pragma once
 #include <torch/types.h>
+#include <optional>
 #include <tuple>
 
 namespace evofast {
@@ -10,6 +11,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cpu(
     const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
     int64_t row0, int64_t mask_id, int64_t k_soft, double alpha, double temperature,
     bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed);
+
+// evo_step_fused with the per-step options: confidence 0 prob / 1 margin / 2 entropy,
+// top_k the sampling filter (0: none), STDD when stdd_params = [tau, lam_t, lam_s, tau_min,
+// tau_max] is non-empty. Returns (ids, w, transfer, status, tp float32, q float64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cpu_opt(
+    const at::Tensor& logits, at::Tensor& x, at::Tensor& conf, const at::Tensor& num_transfer,
+    const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
+    int64_t row0, int64_t mask_id, int64_t k_soft, double alpha, double temperature,
+    bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed,
+    int64_t confidence, int64_t top_k, const std::optional<at::Tensor>& stdd_history,
+    const std::optional<at::Tensor>& stdd_count, at::ArrayRef<double> stdd_params, int64_t stdd_radius);
 
 at::Tensor soft_embed_fwd_cpu(const at::Tensor& weight, const at::Tensor& ids, const at::Tensor& w);
 

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .stdd import STDD, stdd_transfer
+
 
 def evo_step_reference(
     logits: Tensor,          # (B, R, V): rows [row0, row0 + R) of the sequence
@@ -30,8 +32,17 @@ def evo_step_reference(
     exclude_mask: bool,
     noise: Optional[Tensor],      # (B, R, V) float64 U(0,1): the Gumbel draw (temperature > 0)
     rand_conf: Optional[Tensor],  # (B, R) float64 U(0,1): the "random" remasking draw
+    *,
+    confidence: str = "prob",     # what q measures without random remasking: prob | margin | entropy
+    top_k: Optional[int] = None,  # sampling filters (temperature > 0 only)
+    top_p: Optional[float] = None,
+    stdd: Optional[STDD] = None,  # the STDD transfer rule, with its history (B, L, W) / count (B, L)
+    stdd_history: Optional[Tensor] = None,
+    stdd_count: Optional[Tensor] = None,
+    return_probs: bool = False,
 ):
-    """One decoding step (spec 2.2 items 2-7). Returns (ids, w, transfer, status)."""
+    """One decoding step (spec 2.2 items 2-7). Returns (ids, w, transfer, status), and with
+    return_probs also (tp (B, R, k) float32: the top-k probabilities of p, q (B, R) float64)."""
     B, R, V = logits.shape
     M = mask_id
     pos = torch.arange(row0, row0 + R, device=logits.device)           # sequence position of each row
@@ -48,28 +59,40 @@ def evo_step_reference(
         g = logits.clone()  # the authors' g returns the logits themselves; evofast never writes them
     if exclude_mask:
         g[..., M] = -torch.inf
+    # Sampling filters (Dream's order: top_p, then top_k) on the tempered distribution the
+    # draw samples from; the confidence then uses that filtered distribution (Dream's choice).
+    filtered = temperature > 0 and (top_k is not None or top_p is not None)
+    if filtered:
+        lt = logits.to(torch.float64) / temperature
+        if exclude_mask:
+            lt[..., M] = -torch.inf
+        keep = sampling_filter(lt, top_k, top_p)
+        g = g.masked_fill(~keep, -torch.inf)
+        p_filtered = torch.softmax(lt.masked_fill(~keep, -torch.inf), dim=-1)
     x0 = torch.argmax(g, dim=-1)
 
     # 4. p = softmax(float64(logits)). QUIRK: at temperature 0 the -inf written
     # into column M is in the logits the softmax reads, so p excludes M.
     p_source = g if (temperature == 0) else logits
     p = torch.softmax(p_source.to(torch.float64), dim=-1)
-    finite = torch.isfinite(p).all(dim=-1)                              # NaN / inf rows poison p
+    p_conf = p_filtered if filtered else p                              # the distribution q measures
+    finite = torch.isfinite(p).all(dim=-1) & torch.isfinite(p_conf).all(dim=-1)  # NaN / inf rows
     if not bool(finite.all()):
         bad = int((~finite).flatten().nonzero()[0])
         status = torch.tensor([bad], dtype=torch.int64, device=logits.device)
-        return _empty_outputs(logits, k_soft) + (status,)
+        out = _empty_outputs(logits, k_soft) + (status,)
+        return out + _empty_probs(logits, k_soft) if return_probs else out
     if random_remask:
         q = rand_conf
     else:
-        q = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+        q = confidence_of(p_conf, x0, confidence)
 
     # 5. transfer: the n largest q among eligible rows (all eligible rows when
     # fewer), or with a threshold every eligible row sorted by q, keeping the
     # first always and dropping each later one below the threshold.
     transfer = torch.zeros(B, R, dtype=torch.bool, device=logits.device)
     candidates = torch.where(eligible, q, -torch.inf)
-    for b in range(B):
+    for b in range(B if stdd is None else 0):
         n_eligible = int(eligible[b].sum())
         n = n_eligible if threshold is not None else min(int(num_transfer[b]), n_eligible)
         _, chosen = torch.topk(candidates[b], k=n)
@@ -78,6 +101,9 @@ def evo_step_reference(
             keep[1:] = q[b, chosen[1:]] >= threshold
             chosen = chosen[keep]
         transfer[b, chosen] = True
+    if stdd is not None:  # STDD replaces the transfer rule (and records q in its history)
+        transfer = stdd_transfer(stdd, logits, q, eligible, M, stdd_history[:, row0:row0 + R],
+                                 stdd_count[:, row0:row0 + R])
     xw[transfer] = x0[transfer]
     cw[transfer] = q[transfer]
 
@@ -101,7 +127,37 @@ def evo_step_reference(
     w[decoded] = 0.0
     w[..., -1][decoded] = 1.0
     status = torch.full((1,), -1, dtype=torch.int64, device=logits.device)
-    return ids, w.to(logits.dtype), transfer, status
+    out = ids, w.to(logits.dtype), transfer, status
+    return out + (tp.to(torch.float32), q.clone()) if return_probs else out
+
+
+def sampling_filter(lt: Tensor, top_k: Optional[int], top_p: Optional[float]) -> Tensor:
+    """The columns the sampling filters keep (bool, like lt): lt are the tempered float64
+    logits with excluded columns at -inf. top_p (first): the smallest set of the most probable
+    columns whose probability reaches top_p (columns in order of lt, the smaller index first
+    among equal values; a column is kept when the mass before it is < top_p). top_k: the
+    columns whose value is at least the k-th largest (ties with it are kept)."""
+    keep = torch.ones_like(lt, dtype=torch.bool)
+    if top_p is not None:
+        vals, order = torch.sort(lt, dim=-1, descending=True, stable=True)
+        mass = torch.softmax(vals, dim=-1).cumsum(dim=-1)
+        before = torch.cat([torch.zeros_like(mass[..., :1]), mass[..., :-1]], dim=-1)
+        keep = torch.zeros_like(keep).scatter_(-1, order, before < top_p)
+    if top_k is not None:
+        kth = torch.topk(lt, k=min(top_k, lt.shape[-1]), dim=-1).values[..., -1:]
+        keep &= lt >= kth
+    return keep
+
+
+def confidence_of(p: Tensor, x0: Tensor, confidence: str) -> Tensor:
+    """q per row from the distribution p: p[x0] ("prob"), the top-1 minus the top-2
+    probability ("margin"), or the negative entropy sum p log p, 0 log 0 = 0 ("entropy")."""
+    if confidence == "margin":
+        top2 = torch.topk(p, k=2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    if confidence == "entropy":
+        return torch.special.xlogy(p, p).sum(dim=-1)
+    return torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
 
 
 def _empty_outputs(logits: Tensor, k_soft: int):
@@ -109,6 +165,12 @@ def _empty_outputs(logits: Tensor, k_soft: int):
     ids = torch.zeros(B, R, k_soft + 1, dtype=torch.int64, device=logits.device)
     w = torch.zeros(B, R, k_soft + 1, dtype=logits.dtype, device=logits.device)
     return ids, w, torch.zeros(B, R, dtype=torch.bool, device=logits.device)
+
+
+def _empty_probs(logits: Tensor, k_soft: int):
+    B, R, _ = logits.shape
+    return (torch.zeros(B, R, k_soft, dtype=torch.float32, device=logits.device),
+            torch.zeros(B, R, dtype=torch.float64, device=logits.device))
 
 
 def normalised_weights(w: Tensor) -> Tensor:

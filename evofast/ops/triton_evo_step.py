@@ -384,11 +384,14 @@ def _config(device: torch.device, BR: int, V: int, K: int, block_v: int | None):
 def evo_step_triton(logits, x, conf, num_transfer, block_start, block_end, prompt_len,
                     row0: int, mask_id: int, k_soft: int, alpha: float, temperature: float,
                     random_remask: bool, threshold: float, use_threshold: bool,
-                    exclude_mask: bool, seed: int, *, block_v: int | None = None):
-    """The `evo_step_fused` contract of csrc/README.md; returns (ids, w, transfer, status).
+                    exclude_mask: bool, seed: int, *, block_v: int | None = None,
+                    return_probs: bool = False, **unsupported):
+    """The `evo_step_fused` contract of csrc/README.md; returns (ids, w, transfer, status),
+    with return_probs also (tp float32, q float64).
 
     `block_v` overrides the vocabulary chunk (a power of two; tests use small ones).
     """
+    assert not any(v not in (None, 0, "prob") for v in unsupported.values()), unsupported
     if logits.device.type == "cpu" and not _backend.triton_interpreted():
         raise RuntimeError("the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
     if logits.stride(-1) != 1:
@@ -435,4 +438,6 @@ def evo_step_triton(logits, x, conf, num_transfer, block_start, block_end, promp
         _f64_bits(alpha), _f64_bits(threshold if use_threshold else 0.0),
         K=K, KP1=_pow2(K + 1), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
         USE_THR=bool(use_threshold), EXCLM=bool(exclude_mask), num_warps=4)
+    if return_probs:
+        return ids, w, transfer, status, tp.view(B, R, K).float(), q.view(B, R)
     return ids, w, transfer, status
