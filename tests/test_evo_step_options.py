@@ -267,15 +267,21 @@ def test_stdd_by_hand(backend):
 
 
 def stdd_run(case, backend, dev, stdd, steps=3, seed=0, **kw):
-    """Several steps of one state with fresh logits each step; returns every step's outputs."""
+    """Several steps of one state with fresh logits each step; returns every step's outputs.
+    Rows share a common part (neighbours agree to a varying degree: SD spreads over about
+    0.05..0.8) and each row its own sharpness (q spreads over (0, 1))."""
     c = case.to(dev)
     x, conf = c.state()
     h, n = stdd_state(x.shape[0], x.shape[1], stdd.window if stdd else 3, device=dev)
     g = torch.Generator().manual_seed(seed)
     extra = dict(stdd=stdd, stdd_history=h, stdd_count=n) if stdd else dict(threshold=kw.pop("tau"))
+    B, R, V = case.logits.shape
     outs = []
     for _ in range(steps):
-        logits = (torch.randn(case.logits.shape, generator=g) * 4).to(case.logits.dtype).to(dev)
+        common = torch.randn(B, 1, V, generator=g)
+        own = torch.randn(B, R, V, generator=g) * torch.rand(B, R, 1, generator=g) * 2
+        sharp = 1 + 5 * torch.rand(B, R, 1, generator=g)
+        logits = ((common + own) * sharp).to(case.logits.dtype).to(dev)
         o = evo_step(logits, x, conf, c.num_transfer, backend=backend, return_probs=True, **c.kwargs(),
                      **extra, **kw)
         outs.append([t.cpu() for t in o] + [x.cpu().clone(), conf.cpu().clone()])
@@ -305,11 +311,11 @@ def test_stdd_with_zero_lambdas_is_the_threshold_rule(backend, remasking, tau):
 
 STDD_GRID = [
     # V, B, dtype, stdd, remasking
-    (300, 3, torch.float32, STDD(tau=0.3, lam_t=2.0, lam_s=1.0), "low_confidence"),
-    (300, 2, torch.bfloat16, STDD(tau=0.2, lam_t=1.0, lam_s=3.0, radius=2, window=2), "low_confidence"),
+    (300, 3, torch.float32, STDD(tau=0.3, lam_t=1.0, lam_s=0.5), "low_confidence"),
+    (300, 2, torch.bfloat16, STDD(tau=0.2, lam_t=1.0, lam_s=0.6, radius=2, window=2), "low_confidence"),
     (300, 3, torch.float32, STDD(tau=0.1, lam_t=0.5, lam_s=5.0, radius=0, tau_max=0.5), "topk_margin"),
     (1000, 2, torch.float16, STDD(tau=-2.0, lam_t=1.0, lam_s=2.0, tau_min=-10.0, tau_max=0.0), "entropy"),
-    (126464, 2, torch.bfloat16, STDD(tau=0.05, lam_t=1.0, lam_s=1.0), "low_confidence"),
+    (126464, 2, torch.bfloat16, STDD(tau=0.3, lam_t=1.0, lam_s=0.5), "low_confidence"),
 ]
 
 
@@ -430,3 +436,32 @@ def test_opcheck_with_options(name, opts):
     args = (c.logits, c.x.clone(), c.conf.clone(), c.num_transfer, c.block_start, c.block_end, c.prompt_len,
             None, None, c.row0, c.mask_id, 3, 0.7, 0.0, False, None, True, 0, name)
     torch.library.opcheck(torch.ops.evofast.evo_step.default, args, kw)
+
+
+def tied_boundary_row(V=6000):
+    """Two large values and a three-way tie at the third largest, in different 2048-column
+    chunks (the cpp kernel's chunk), the rest far below: top_k = 3 keeps five columns."""
+    row = torch.full((V,), -6.0)
+    row[[3100, 5]] = torch.tensor([2.0, 1.5])
+    row[[100, 2500, 4500]] = 1.0
+    row[4600] = 0.999
+    return row
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cuda"])
+def test_filter_ties_across_chunks(backend):
+    from conftest import skip_unless_usable
+    dev = skip_unless_usable(backend) if backend != "torch" else torch.device("cpu")
+    row = tied_boundary_row()
+    M = row.numel() - 1
+    lt = row.double() / 0.5
+    lt[M] = -math.inf
+    keep = torch.zeros(row.numel(), dtype=torch.bool)
+    keep[[3100, 5, 100, 2500, 4500]] = True
+    pf = torch.softmax(lt.masked_fill(~keep, -math.inf), -1)
+    draws, q = sample_rows(backend, dev, row, 3000, M, temperature=0.5, top_k=3)
+    assert_frequencies(draws, pf)
+    torch.testing.assert_close(q, pf[draws], rtol=1e-13, atol=0)
+    for remasking, expect in (("topk_margin", pf[3100] - pf[5]), ("entropy", (pf * pf.log()).nan_to_num(0.0).sum())):
+        _, qm = sample_rows(backend, dev, row, 4, M, temperature=0.5, top_k=3, remasking=remasking)
+        torch.testing.assert_close(qm, expect.expand(4), rtol=1e-13, atol=1e-15)

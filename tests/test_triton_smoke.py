@@ -7,6 +7,7 @@ Ties: csrc/README.md orders them by the smaller index / position; torch.topk doe
 not promise an order, so the reference runs here with a stable top-k.
 """
 import contextlib
+import math
 import os
 
 import pytest
@@ -274,3 +275,57 @@ def test_soft_embed(wdtype, J, d):
             torch.testing.assert_close(gw.double(), rgw.double(), rtol=tol, atol=tol)
         if nt:  # g / D with D = 1e-12 is huge on the all-negative row: relative
             torch.testing.assert_close(gt.double(), rgt.double(), rtol=max(tol, 1e-5), atol=tol)
+
+
+# ---------------------------------------------------------------- per-step options
+
+def _opts(st, block_v, **kw):
+    from evofast.ops.triton_evo_step import evo_step_triton
+    x, c = st["x"].clone(), st["conf"].clone()
+    out = evo_step_triton(st["logits"], x, c, st["num_transfer"], st["block_start"], st["block_end"],
+                          st["prompt_len"], st["row0"], st["mask_id"], kw.pop("k", 3), 0.7,
+                          kw.pop("temperature", 0.0), False, 0.0, False, True, 5, block_v=block_v,
+                          return_probs=True, **kw)
+    return out, x, c
+
+
+@pytest.mark.parametrize("confidence", ["margin", "entropy"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_confidences_split_v(confidence, k):
+    """margin / entropy merged over many vocabulary chunks equal the single-chunk result."""
+    st = make_state(3, 9, 1000, seed=k)
+    st["logits"][0, 2, 100:300] = float("-inf")  # an all -inf chunk
+    a, xa, ca = _opts(st, 64, confidence=confidence, k=k)
+    b, xb, cb = _opts(st, None, confidence=confidence, k=k)
+    assert torch.equal(a[2], b[2]) and torch.equal(xa, xb)
+    torch.testing.assert_close(a[5], b[5], rtol=1e-13, atol=1e-14)
+
+
+def test_top_k_filter_ties_across_chunks():
+    """The filter's k-th value tied across chunks: every tied column is kept (chunk left-overs
+    merged), x0 never outside the kept set, q is p of the filtered distribution at x0."""
+    V, R, T = 1024, 512, 0.5
+    row = torch.full((V,), -6.0)
+    row[[700, 5]] = torch.tensor([2.0, 1.5])
+    row[[100, 300, 301, 900]] = 1.0          # four-way tie at the 3rd value, chunks of 64 / 256
+    st = make_state(1, R, V, row0=0, seed=0)
+    st["logits"] = row.expand(1, R, V).clone()
+    st["x"][:] = st["mask_id"]
+    st["num_transfer"][:] = R
+    st["block_start"][:] = 0
+    st["block_end"][:] = R + 2
+    st["prompt_len"][:] = 0
+    keep = torch.zeros(V, dtype=torch.bool)
+    keep[[700, 5, 100, 300, 301, 900]] = True
+    lt = (row.double() / T).masked_fill(~keep, -math.inf)
+    pf = torch.softmax(lt, -1)
+    for block_v in (64, 256, None):
+        (ids, w, tr, status, tp, q), x, _ = _opts(st, block_v, temperature=T, top_k=3)
+        draws = x[0, :R]
+        assert int(status) == -1 and bool(keep[draws].all())
+        counts = torch.bincount(draws, minlength=V).double()[keep]
+        p = pf[keep]
+        assert ((counts - R * p).abs() < 5 * torch.sqrt(R * p * (1 - p)).clamp_min(1)).all(), (counts, R * p)
+        torch.testing.assert_close(q[0], pf[draws], rtol=1e-13, atol=0)
+        (_, _, _, _, _, qm), _, _ = _opts(st, block_v, temperature=T, top_k=3, confidence="entropy")
+        torch.testing.assert_close(qm[0], (pf * pf.log()).nan_to_num(0.0).sum().expand(R), rtol=1e-13, atol=1e-15)

@@ -46,12 +46,6 @@ def _evo_step_impl(
             k_soft, alpha, temperature, random_remask,
             0.0 if threshold is None else threshold, threshold is not None, exclude_mask, seed)
     fused_top_k = 0 if (top_k is None or temperature == 0) else top_k
-    if backend == "triton" and (confidence != "prob" or fused_top_k or stdd is not None):
-        backend = "torch"  # not yet in the Triton kernels
-        return _evo_step_impl(logits, x, conf, num_transfer, block_start, block_end, prompt_len, noise,
-                              rand_conf, row0, mask_id, k_soft, alpha, temperature, random_remask, threshold,
-                              exclude_mask, seed, backend, confidence, top_k, top_p, stdd_history, stdd_count,
-                              stdd_params, stdd_window, stdd_radius)
     if backend == "triton":
         from .triton_evo_step import evo_step_triton
         return evo_step_triton(*args, confidence=confidence, top_k=fused_top_k, stdd=stdd,

@@ -112,9 +112,11 @@ def _f64_bits(v: float) -> int:
 def _evo_chunk_kernel(
     logits_ptr, stride_b, stride_r, BR, R, V, mask_id, row0, seed, temperature,
     part_m_ptr, part_s_ptr, part_top_ptr, part_arg_ptr, NC,
-    K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    part_e_ptr, part_ftop_ptr, part_fsc_ptr, part_fovc_ptr, part_fovb_ptr,
+    KT: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
     KEY16: tl.constexpr, NEG_INF_KEY: tl.constexpr,
     EXCL: tl.constexpr, SAMPLE: tl.constexpr, SAMPLE_EXCL: tl.constexpr,
+    ENT: tl.constexpr, FK: tl.constexpr, FKP: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # flat rows b * R + r
     c = tl.program_id(1)
@@ -144,6 +146,10 @@ def _evo_chunk_kernel(
     pofs = rows.to(tl.int64) * NC + c
     tl.store(part_m_ptr + pofs, m, mask=rm)
     tl.store(part_s_ptr + pofs, s, mask=rm)
+    if ENT:  # sum exp(d) d, d = l - m: the entropy's numerator (0 where exp(d) is 0)
+        d = tl.where(l == float("-inf"), 0.0, l.to(tl.float64) - m_ref.to(tl.float64)[:, None])
+        tl.store(part_e_ptr + pofs, tl.reduce(tl.where(l == float("-inf"), 0.0, tl.exp(d) * d), 1, _SUM),
+                 mask=rm)
 
     # top-k of the chunk over packed keys (value, then smaller index)
     if KEY16:
@@ -158,20 +164,21 @@ def _evo_chunk_kernel(
     if EXCL:
         key = tl.where(offs == mask_id, NEG_INF_KEY, key)
     if KEY16:
-        pk = key * 65536 + (65535 - lidx)
+        pk0 = key * 65536 + (65535 - lidx)
     else:
-        pk = key.to(tl.int64) * 65536 + (65535 - lidx)
-    pk = tl.where(inb, pk, PK_MIN)
+        pk0 = key.to(tl.int64) * 65536 + (65535 - lidx)
+    pk0 = tl.where(inb, pk0, PK_MIN)
+    pk = pk0
     kk = tl.arange(0, KP)[None, :]
     tk = tl.full((ROWS, KP), PK_MIN, pk.dtype)
-    for j in tl.static_range(K):
+    for j in tl.static_range(KT):
         best = tl.reduce(pk, 1, _MAX)
         tk = tl.where(kk == j, best[:, None], tk)
         pk = tl.where(pk == best[:, None], PK_MIN, pk)
     gidx = start + (65535 - (tk & 65535))
     packed = (tk >> 16).to(tl.int64) * 4294967296 + (4294967295 - gidx.to(tl.int64))
     packed = tl.where(tk == PK_MIN, -9223372036854775808, packed)  # chunk shorter than k
-    tl.store(part_top_ptr + pofs[:, None] * K + kk, packed, mask=rm[:, None] & (kk < K))
+    tl.store(part_top_ptr + pofs[:, None] * KT + kk, packed, mask=rm[:, None] & (kk < KT))
 
     if SAMPLE:  # Gumbel-max: argmax of l - T * log(E), E ~ Exp(1) from Philox
         BV4: tl.constexpr = BLOCK_V // 4
@@ -196,16 +203,129 @@ def _evo_chunk_kernel(
         skey = tl.where(score == 0.0, 0, skey)
         sp = skey.to(tl.int64) * 4294967296 + (4294967295 - offs.to(tl.int64))
         sp = tl.where(inb, sp, -9223372036854775808)
-        tl.store(part_arg_ptr + pofs, tl.reduce(sp, 1, _MAX), mask=rm)
+        if FK > 0:
+            _filter_chunk(pk0, score, sp, offs, mask_id, start, pofs, rm, part_ftop_ptr, part_fsc_ptr,
+                          part_fovc_ptr, part_fovb_ptr, ROWS, FK, FKP, SAMPLE_EXCL, PK_MIN)
+        else:
+            tl.store(part_arg_ptr + pofs, tl.reduce(sp, 1, _MAX), mask=rm)
+
+
+@triton.jit
+def _filter_chunk(pk, score, sp, offs, mask_id, start, pofs, rm, part_ftop_ptr, part_fsc_ptr,
+                  part_fovc_ptr, part_fovb_ptr,
+                  ROWS: tl.constexpr, FK: tl.constexpr, FKP: tl.constexpr, SAMPLE_EXCL: tl.constexpr,
+                  PK_MIN: tl.constexpr):
+    """The top_k filter in a chunk: its FK largest sampled columns (packed keys) with their
+    scores, and the columns left over that equal the FK-th value (count, best packed score)."""
+    if SAMPLE_EXCL:
+        pk = tl.where(offs == mask_id, PK_MIN, pk)
+    ff = tl.arange(0, FKP)[None, :]
+    ftk = tl.full((ROWS, FKP), PK_MIN, pk.dtype)
+    fsc = tl.full((ROWS, FKP), float("-inf"), tl.float32)
+    for j in tl.static_range(FK):
+        best = tl.reduce(pk, 1, _MAX)
+        ftk = tl.where(ff == j, best[:, None], ftk)
+        hit = pk == best[:, None]
+        fsc = tl.where(ff == j, tl.reduce(tl.where(hit, score, float("-inf")), 1, _MAX)[:, None], fsc)
+        pk = tl.where(hit, PK_MIN, pk)
+    last = tl.reduce(tl.where(ff == FK - 1, ftk, PK_MIN), 1, _MAX)
+    ovf = (pk != PK_MIN) & ((pk >> 16) == (last >> 16)[:, None]) & (last != PK_MIN)[:, None]
+    tl.store(part_fovc_ptr + pofs, tl.reduce(ovf.to(tl.int64), 1, _SUM), mask=rm)
+    tl.store(part_fovb_ptr + pofs, tl.reduce(tl.where(ovf, sp, -9223372036854775808), 1, _MAX), mask=rm)
+    gidx = start + (65535 - (ftk & 65535))
+    packed = (ftk >> 16).to(tl.int64) * 4294967296 + (4294967295 - gidx.to(tl.int64))
+    packed = tl.where(ftk == PK_MIN, -9223372036854775808, packed)
+    fm = rm[:, None] & (ff < FK)
+    tl.store(part_ftop_ptr + pofs[:, None] * FK + ff, packed, mask=fm)
+    tl.store(part_fsc_ptr + pofs[:, None] * FK + ff, fsc, mask=fm)
+
+
+@triton.jit
+def _score_key(score, idx):
+    """A float32 score and its column packed into one int64: larger score, then smaller index."""
+    sb = score.to(tl.int32, bitcast=True)
+    skey = tl.where(sb < 0, sb ^ 0x7FFFFFFF, sb)
+    skey = tl.where(score == 0.0, 0, skey)
+    return skey.to(tl.int64) * 4294967296 + (4294967295 - idx.to(tl.int64))
+
+
+@triton.jit
+def _filter_merge(logits_ptr, roff, rows64, rm, ci, cm, NC, temperature,
+                  part_ftop_ptr, part_fsc_ptr, part_fovc_ptr, part_fovb_ptr,
+                  ROWS: tl.constexpr, FK: tl.constexpr, NCFKP: tl.constexpr, CONF: tl.constexpr):
+    """x0 and q of the top_k filter (csrc/README.md): the global FK-th value over the chunks'
+    candidates, the kept columns (candidates at or above it, and the chunks' left-over ties),
+    the Gumbel argmax among them and q on the filtered distribution at the temperature.
+    Returns (x0, q, bad)."""
+    I64_MIN: tl.constexpr = -9223372036854775808
+    t2 = tl.arange(0, NCFKP)[None, :]
+    tm = rm[:, None] & (t2 < NC * FK)
+    cand = tl.load(part_ftop_ptr + rows64[:, None] * (NC * FK) + t2, mask=tm, other=I64_MIN)
+    work = cand
+    top0 = tl.full((ROWS,), I64_MIN, tl.int64)
+    top1 = tl.full((ROWS,), I64_MIN, tl.int64)
+    kth = tl.full((ROWS,), I64_MIN, tl.int64)
+    for j in tl.static_range(FK):
+        best = tl.reduce(work, 1, _MAX)
+        if j == 0:
+            top0 = best
+        if j == 1:
+            top1 = best
+        if j == FK - 1:
+            kth = best
+        work = tl.where(work == best[:, None], I64_MIN, work)
+    full = kth != I64_MIN  # fewer than FK sampled columns: every candidate is kept
+    valid = cand != I64_MIN
+    kept = valid & (((cand >> 32) >= (kth >> 32)[:, None]) | (full == 0)[:, None])
+    gidx = 4294967295 - (cand & 4294967295)
+    lv = tl.load(logits_ptr + roff[:, None] + gidx, mask=kept, other=float("-inf")).to(tl.float32)
+    i0 = 4294967295 - (top0 & 4294967295)
+    mxf = tl.load(logits_ptr + roff + i0, mask=rm & (top0 != I64_MIN), other=float("-inf")).to(tl.float32)
+    ik = 4294967295 - (kth & 4294967295)
+    tval = tl.load(logits_ptr + roff + ik, mask=rm & full, other=float("-inf")).to(tl.float32)
+    bad = rm & ((top0 == I64_MIN) | (mxf == float("-inf")))
+    mx64 = tl.where(bad | (rm == 0), 0.0, mxf.to(tl.float64))
+    # the chunks whose own FK-th value is the global one add their left-over ties
+    clast = tl.load(part_ftop_ptr + rows64[:, None] * (NC * FK) + ci * FK + (FK - 1), mask=cm, other=I64_MIN)
+    on = cm & full[:, None] & (clast != I64_MIN) & ((clast >> 32) == (kth >> 32)[:, None])
+    novf = tl.reduce(tl.where(on, tl.load(part_fovc_ptr + rows64[:, None] * NC + ci, mask=cm, other=0), 0), 1, _SUM)
+    obest = tl.reduce(tl.where(on, tl.load(part_fovb_ptr + rows64[:, None] * NC + ci, mask=cm, other=I64_MIN),
+                               I64_MIN), 1, _MAX)
+    a = tl.where(kept, (lv.to(tl.float64) - mx64[:, None]) / temperature, float("-inf"))
+    w = tl.exp(a)
+    a = tl.where(w > 0.0, a, 0.0)  # exp(a) a is 0 where exp(a) is (no -inf * 0)
+    at = tl.where(novf > 0, (tval.to(tl.float64) - mx64) / temperature, 0.0)
+    wt = tl.where(novf > 0, tl.exp(at), 0.0)
+    sf = tl.reduce(tl.where(kept, w, 0.0), 1, _SUM) + novf.to(tl.float64) * wt
+    sf = tl.where(bad | (rm == 0), 1.0, sf)
+    fsc = tl.load(part_fsc_ptr + rows64[:, None] * (NC * FK) + t2, mask=tm, other=float("-inf"))
+    sbest = tl.maximum(tl.reduce(tl.where(kept, _score_key(fsc, gidx), I64_MIN), 1, _MAX), obest)
+    x0 = 4294967295 - (sbest & 4294967295)
+    if CONF == 1:  # margin: the second kept value (a tie left over when FK is 1)
+        i1 = 4294967295 - (top1 & 4294967295)
+        l1 = tl.load(logits_ptr + roff + i1, mask=rm & (top1 != I64_MIN), other=float("-inf")).to(tl.float32)
+        w2 = tl.where(top1 != I64_MIN, tl.exp((l1.to(tl.float64) - mx64) / temperature), 0.0)
+        if FK == 1:
+            w2 = wt
+        q = 1.0 / sf - w2 / sf
+    elif CONF == 2:  # entropy
+        ef = tl.reduce(w * a, 1, _SUM) + novf.to(tl.float64) * (wt * at)
+        q = ef / sf - tl.log(sf)
+    else:
+        lx = tl.load(logits_ptr + roff + x0, mask=rm & (bad == 0), other=0.0).to(tl.float32)
+        q = tl.exp((lx.to(tl.float64) - mx64) / temperature) / sf
+    return x0, q, bad
 
 
 @triton.jit(do_not_specialize=["row0", "seed"])
 def _evo_merge_kernel(
-    logits_ptr, stride_b, stride_r, x_ptr, L, block_end_ptr, BR, R, V, mask_id, row0, seed,
+    logits_ptr, stride_b, stride_r, x_ptr, L, block_end_ptr, BR, R, V, mask_id, row0, seed, temperature,
     part_m_ptr, part_s_ptr, part_top_ptr, part_arg_ptr, NC,
+    part_e_ptr, part_ftop_ptr, part_fsc_ptr, part_fovc_ptr, part_fovb_ptr,
     x0_ptr, q_ptr, cand_ptr, tp_ptr, ids_ptr, status_ptr,
-    K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, NCP: tl.constexpr, NCKP: tl.constexpr,
-    EXCL: tl.constexpr, SAMPLE: tl.constexpr, RANDQ: tl.constexpr,
+    K: tl.constexpr, KT: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, NCP: tl.constexpr,
+    NCKP: tl.constexpr, EXCL: tl.constexpr, SAMPLE: tl.constexpr, RANDQ: tl.constexpr,
+    CONF: tl.constexpr, FK: tl.constexpr, NCFKP: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rm = rows < BR
@@ -230,18 +350,18 @@ def _evo_merge_kernel(
     s = tl.where(bad | (rm == 0), 1.0, s)
     mx64 = tl.where(bad | (rm == 0), 0.0, mx64)
 
-    # top-k over the NC*K chunk candidates
+    # top-k over the NC*KT chunk candidates
     t = tl.arange(0, NCKP)[None, :]
-    cand_k = tl.load(part_top_ptr + rows64[:, None] * (NC * K) + t, mask=rm[:, None] & (t < NC * K),
+    cand_k = tl.load(part_top_ptr + rows64[:, None] * (NC * KT) + t, mask=rm[:, None] & (t < NC * KT),
                      other=-9223372036854775808)
     kk = tl.arange(0, KP)[None, :]
     tk = tl.full((ROWS, KP), -9223372036854775808, tl.int64)
-    for j in tl.static_range(K):
+    for j in tl.static_range(KT):
         best = tl.reduce(cand_k, 1, _MAX)
         tk = tl.where(kk == j, best[:, None], tk)
         cand_k = tl.where(cand_k == best[:, None], -9223372036854775808, cand_k)
     ti = 4294967295 - (tk & 4294967295)
-    km = rm[:, None] & (kk < K) & (ti < V)
+    km = rm[:, None] & (kk < KT) & (ti < V)
     lt = tl.load(logits_ptr + roff[:, None] + ti, mask=km, other=float("-inf")).to(tl.float32)
     if EXCL:
         lt = tl.where(ti == mask_id, float("-inf"), lt)
@@ -250,30 +370,73 @@ def _evo_merge_kernel(
     tl.store(ids_ptr + rows64[:, None] * (K + 1) + kk, ti, mask=rm[:, None] & (kk < K))
 
     # x0 and q
-    if SAMPLE:
-        sp = tl.load(part_arg_ptr + rows64[:, None] * NC + ci, mask=cm, other=-9223372036854775808)
-        x0 = 4294967295 - (tl.reduce(sp, 1, _MAX) & 4294967295)
+    if FK > 0:
+        x0, q, fbad = _filter_merge(logits_ptr, roff, rows64, rm, ci, cm, NC, temperature,
+                                    part_ftop_ptr, part_fsc_ptr, part_fovc_ptr, part_fovb_ptr,
+                                    ROWS, FK, NCFKP, CONF)
+        bad = bad | fbad
     else:
-        x0 = tl.reduce(tl.where(kk == 0, ti, -1), 1, _MAX)
+        if SAMPLE:
+            sp = tl.load(part_arg_ptr + rows64[:, None] * NC + ci, mask=cm, other=-9223372036854775808)
+            x0 = 4294967295 - (tl.reduce(sp, 1, _MAX) & 4294967295)
+        else:
+            x0 = tl.reduce(tl.where(kk == 0, ti, -1), 1, _MAX)
+        x0 = tl.minimum(tl.maximum(x0, 0), V - 1)
+        if CONF == 1:  # margin: p of the top-1 minus p of the top-2
+            q = tl.reduce(tl.where(kk == 0, tp, 0.0), 1, _SUM) - tl.reduce(tl.where(kk == 1, tp, 0.0), 1, _SUM)
+        elif CONF == 2:  # entropy: E / s - log s, E = sum exp(l - mx) (l - mx)
+            pe = tl.load(part_e_ptr + rows64[:, None] * NC + ci, mask=cm, other=0.0)
+            dm = tl.where(pm == float("-inf"), 0.0, pm.to(tl.float64) - mx64[:, None])
+            ent = tl.reduce(tl.where(pm == float("-inf"), 0.0, tl.exp(dm) * (pe + dm * ps)), 1, _SUM)
+            q = ent / s - tl.log(s)
+        else:
+            lx = tl.load(logits_ptr + roff + x0, mask=rm, other=float("-inf")).to(tl.float32)
+            if EXCL:
+                lx = tl.where(x0 == mask_id, float("-inf"), lx)
+            q = tl.exp(lx.to(tl.float64) - mx64) / s
     x0 = tl.minimum(tl.maximum(x0, 0), V - 1)
     if RANDQ:  # float64 uniform in (0, 1) from 52 random bits: odd multiples of 2^-53
         zero = tl.full((ROWS,), 0, tl.uint32)
         h0, h1, h2, h3 = tl.philox(seed, zero, zero + pos.to(tl.uint32), zero + b.to(tl.uint32), zero + 1)
         u52 = (h0.to(tl.uint64) << 20) | (h1.to(tl.uint64) >> 12)
         q = ((u52 << 1) | 1).to(tl.float64) * 1.1102230246251565e-16
-    else:
-        lx = tl.load(logits_ptr + roff + x0, mask=rm, other=float("-inf")).to(tl.float32)
-        if EXCL:
-            lx = tl.where(x0 == mask_id, float("-inf"), lx)
-        q = tl.exp(lx.to(tl.float64) - mx64) / s
 
     xb = tl.load(x_ptr + b.to(tl.int64) * L + pos, mask=rm, other=-1)
     be = tl.load(block_end_ptr + b, mask=rm, other=0)
     elig = (xb == mask_id) & (pos < be)
     tl.store(x0_ptr + rows64, x0, mask=rm)
     tl.store(q_ptr + rows64, q, mask=rm)
-    tl.store(cand_ptr + rows64, tl.where(elig, q, -1.0), mask=rm)
+    tl.store(cand_ptr + rows64, tl.where(elig, q, float("-inf")), mask=rm)
     tl.atomic_min(status_ptr + rows64 * 0, rows64, mask=bad, sem="relaxed")
+
+
+@triton.jit
+def _stdd_select(cand_ptr, tau_ptr, b, R, ri, rowi, im, ci, elig, BLOCK_J: tl.constexpr):
+    """STDD's transfer of rows ri: q >= tau when any eligible row of batch row b passes, else
+    the one eligible row first in the order (q - tau desc, q desc, position asc)."""
+    jj = tl.arange(0, BLOCK_J)
+    any_pass = tl.full([], 0, tl.int32)
+    best_d = tl.full([], float("-inf"), tl.float64)
+    best_q = tl.full([], float("-inf"), tl.float64)
+    best_i = tl.full([], -1, tl.int32)
+    for j0 in range(0, R, BLOCK_J):
+        rj = j0 + jj
+        jm = rj < R
+        cj = tl.load(cand_ptr + b.to(tl.int64) * R + rj, mask=jm, other=float("-inf"))
+        tj = tl.load(tau_ptr + b.to(tl.int64) * R + rj, mask=jm, other=0.0)
+        ej = cj > float("-inf")
+        any_pass = tl.maximum(any_pass, tl.reduce((ej & (cj >= tj)).to(tl.int32), 0, _MAX))
+        dj = tl.where(ej, cj - tj, float("-inf"))
+        tmax_d = tl.reduce(dj, 0, _MAX)
+        qj = tl.where(ej & (dj == tmax_d), cj, float("-inf"))
+        tmax_q = tl.reduce(qj, 0, _MAX)
+        tidx = tl.reduce(tl.where(ej & (dj == tmax_d) & (qj == tmax_q), rj, 2147483647), 0, _MIN)
+        take = (tmax_d > best_d) | ((tmax_d == best_d) & (tmax_q > best_q))
+        best_i = tl.where(take, tidx, best_i)
+        best_d = tl.where(take, tmax_d, best_d)
+        best_q = tl.where(take, tmax_q, best_q)
+    ti = tl.load(tau_ptr + rowi, mask=im, other=0.0)
+    return elig & tl.where(any_pass > 0, ci >= ti, ri == best_i)
 
 
 @triton.jit(do_not_specialize=["row0", "alpha_bits", "thr_bits"])
@@ -281,9 +444,9 @@ def _evo_seq_kernel(
     x_ptr, conf_ptr, L, B, R, row0, mask_id,
     num_transfer_ptr, block_start_ptr, prompt_len_ptr,
     x0_ptr, q_ptr, cand_ptr, tp_ptr, ids_ptr, w_ptr, transfer_ptr, status_ptr,
-    alpha_bits, thr_bits,
+    alpha_bits, thr_bits, tau_ptr, hist_ptr, count_ptr,
     K: tl.constexpr, KP1: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-    USE_THR: tl.constexpr, EXCLM: tl.constexpr,
+    USE_THR: tl.constexpr, EXCLM: tl.constexpr, STDD: tl.constexpr, W: tl.constexpr,
 ):
     b = tl.program_id(0)
     it = tl.program_id(1)
@@ -296,16 +459,19 @@ def _evo_seq_kernel(
     lane0 = (ri + b) == 0  # program (0, 0), lane 0 (no scalar bool & block: the interpreter mis-splats it)
     tl.store(status_ptr + ri * 0, tl.full((BLOCK_I,), -1, tl.int64), mask=lane0 & (st >= B * R))
     rowi = b.to(tl.int64) * R + ri
-    ci = tl.load(cand_ptr + rowi, mask=im, other=-2.0)
-    elig = ci >= 0.0
+    # cand: q on eligible rows, -inf elsewhere (q itself may be negative: entropy)
+    ci = tl.load(cand_ptr + rowi, mask=im, other=float("-inf"))
+    elig = ci > float("-inf")
     jj = tl.arange(0, BLOCK_J)
-    if USE_THR:
+    if STDD:
+        transfer = _stdd_select(cand_ptr, tau_ptr, b, R, ri, rowi, im, ci, elig, BLOCK_J)
+    elif USE_THR:
         thr = tl.cast(thr_bits, tl.int64).to(tl.float64, bitcast=True)
-        best_v = tl.full([], -3.0, tl.float64)
+        best_v = tl.full([], float("-inf"), tl.float64)
         best_i = tl.full([], 0, tl.int32)
         for j0 in range(0, R, BLOCK_J):
             rj = j0 + jj
-            cj = tl.load(cand_ptr + b.to(tl.int64) * R + rj, mask=rj < R, other=-2.0)
+            cj = tl.load(cand_ptr + b.to(tl.int64) * R + rj, mask=rj < R, other=float("-inf"))
             tmax = tl.reduce(cj, 0, _MAX)
             tidx = tl.reduce(tl.where(cj == tmax, rj, 2147483647), 0, _MIN)
             take = tmax > best_v
@@ -317,7 +483,7 @@ def _evo_seq_kernel(
         rank = tl.full((BLOCK_I,), 0, tl.int32)
         for j0 in range(0, R, BLOCK_J):
             rj = j0 + jj
-            cj = tl.load(cand_ptr + b.to(tl.int64) * R + rj, mask=rj < R, other=-2.0)
+            cj = tl.load(cand_ptr + b.to(tl.int64) * R + rj, mask=rj < R, other=float("-inf"))
             ahead = (cj[None, :] > ci[:, None]) | ((cj[None, :] == ci[:, None]) & (rj[None, :] < ri[:, None]))
             rank += tl.reduce(ahead.to(tl.int32), 1, _SUM)
         transfer = elig & (rank.to(tl.int64) < nt)
@@ -339,6 +505,11 @@ def _evo_seq_kernel(
     upd = (transfer | revise) & im & ok
     tl.store(x_ptr + xoff, xn, mask=upd)
     tl.store(conf_ptr + xoff, cn, mask=upd)
+    if STDD:  # record q in the ring buffer of every eligible row
+        rec = elig & im & ok
+        cnt = tl.maximum(tl.load(count_ptr + xoff, mask=rec, other=0), 0)
+        tl.store(hist_ptr + xoff * W + cnt % W, q, mask=rec)
+        tl.store(count_ptr + xoff, cnt + 1, mask=rec)
     tl.store(transfer_ptr + rowi, transfer, mask=im)
     tl.store(ids_ptr + rowi * (K + 1) + K, xn, mask=im)
 
@@ -365,7 +536,7 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def _config(device: torch.device, BR: int, V: int, K: int, block_v: int | None):
+def _config(device: torch.device, BR: int, V: int, K: int, block_v: int | None, FK: int = 0):
     """(BLOCK_V, chunk rows, chunk warps, merge rows): tiles of about 4K elements on a
     GPU; under the interpreter, whose cost is per operation, tiles of about 64K."""
     interp = device.type == "cpu"
@@ -376,22 +547,26 @@ def _config(device: torch.device, BR: int, V: int, K: int, block_v: int | None):
     assert block_v & (block_v - 1) == 0 and block_v <= 65536, "BLOCK_V: a power of two <= 65536"
     rows = max(1, min(_pow2(BR), budget // block_v))
     warps = 4 if interp else (GPU_CHUNK_WARPS if rows * block_v >= 4096 else 4)
-    nckp = _pow2(triton.cdiv(V, block_v) * K)
+    nckp = _pow2(triton.cdiv(V, block_v) * max(K, FK))
     merge_rows = max(1, min(_pow2(BR), (budget // 2) // nckp))
     return block_v, rows, warps, merge_rows
+
+
+CONFIDENCE = {"prob": 0, "margin": 1, "entropy": 2}
 
 
 def evo_step_triton(logits, x, conf, num_transfer, block_start, block_end, prompt_len,
                     row0: int, mask_id: int, k_soft: int, alpha: float, temperature: float,
                     random_remask: bool, threshold: float, use_threshold: bool,
                     exclude_mask: bool, seed: int, *, block_v: int | None = None,
-                    return_probs: bool = False, **unsupported):
-    """The `evo_step_fused` contract of csrc/README.md; returns (ids, w, transfer, status),
-    with return_probs also (tp float32, q float64).
+                    confidence: str = "prob", top_k: int = 0, stdd=None, stdd_history=None,
+                    stdd_count=None, return_probs: bool = False):
+    """The `evo_step_fused_opt` contract of csrc/README.md; returns (ids, w, transfer, status),
+    with return_probs also (tp float32, q float64). `top_k` (<= 64, temperature > 0) is the
+    sampling filter, `stdd` an `evofast.ops.STDD` with its history tensors.
 
     `block_v` overrides the vocabulary chunk (a power of two; tests use small ones).
     """
-    assert not any(v not in (None, 0, "prob") for v in unsupported.values()), unsupported
     if logits.device.type == "cpu" and not _backend.triton_interpreted():
         raise RuntimeError("the triton backend runs CPU tensors only under TRITON_INTERPRET=1")
     if logits.stride(-1) != 1:
@@ -401,43 +576,64 @@ def evo_step_triton(logits, x, conf, num_transfer, block_start, block_end, promp
     L = x.shape[1]
     dev = logits.device
     BR = B * R
-    BLOCK_V, ROWS, chunk_warps, MROWS = _config(dev, BR, V, K, block_v)
-    NC = triton.cdiv(V, BLOCK_V)
     sample = temperature > 0
+    FK = int(top_k) if sample else 0
+    assert 0 <= FK <= 64, "top_k: the Triton filter takes at most 64"
+    CONF = CONFIDENCE[confidence]
+    KT = max(K, 2) if CONF == 1 and FK == 0 else K  # the margin needs the top-2 of p
+    BLOCK_V, ROWS, chunk_warps, MROWS = _config(dev, BR, V, KT, block_v, FK)
+    NC = triton.cdiv(V, BLOCK_V)
     excl = bool(exclude_mask) and not sample
+    ent = CONF == 2 and FK == 0
 
+    f64 = dict(dtype=torch.float64, device=dev)
+    i64 = dict(dtype=torch.int64, device=dev)
     part_m = torch.empty(BR * NC, dtype=torch.float32, device=dev)
-    part_s = torch.empty(BR * NC, dtype=torch.float64, device=dev)
-    part_top = torch.empty(BR * NC * K, dtype=torch.int64, device=dev)
-    part_arg = torch.empty(BR * NC if sample else 1, dtype=torch.int64, device=dev)
-    x0 = torch.empty(BR, dtype=torch.int64, device=dev)
-    q = torch.empty(BR, dtype=torch.float64, device=dev)
-    cand = torch.empty(BR, dtype=torch.float64, device=dev)
-    tp = torch.empty(BR * K, dtype=torch.float64, device=dev)
-    ids = torch.empty((B, R, K + 1), dtype=torch.int64, device=dev)
+    part_s = torch.empty(BR * NC, **f64)
+    part_top = torch.empty(BR * NC * KT, **i64)
+    part_arg = torch.empty(BR * NC if sample and not FK else 1, **i64)
+    part_e = torch.empty(BR * NC if ent else 1, **f64)
+    part_ftop = torch.empty(BR * NC * FK if FK else 1, **i64)
+    part_fsc = torch.empty(BR * NC * FK if FK else 1, dtype=torch.float32, device=dev)
+    part_fovc = torch.empty(BR * NC if FK else 1, **i64)
+    part_fovb = torch.empty(BR * NC if FK else 1, **i64)
+    x0 = torch.empty(BR, **i64)
+    q = torch.empty(BR, **f64)
+    cand = torch.empty(BR, **f64)
+    tp = torch.empty(BR * K, **f64)
+    ids = torch.empty((B, R, K + 1), **i64)
     w = torch.empty((B, R, K + 1), dtype=logits.dtype, device=dev)
     transfer = torch.empty((B, R), dtype=torch.bool, device=dev)
-    status = torch.full((1,), BR, dtype=torch.int64, device=dev)
-    KP = _pow2(K)
+    status = torch.full((1,), BR, **i64)
+    KP = _pow2(KT)
 
     _evo_chunk_kernel[(triton.cdiv(BR, ROWS), NC)](
         logits, logits.stride(0), logits.stride(1), BR, R, V, mask_id, row0, seed, float(temperature),
-        part_m, part_s, part_top, part_arg, NC,
-        K=K, KP=KP, ROWS=ROWS, BLOCK_V=BLOCK_V, KEY16=logits.dtype != torch.float32,
+        part_m, part_s, part_top, part_arg, NC, part_e, part_ftop, part_fsc, part_fovc, part_fovb,
+        KT=KT, KP=KP, ROWS=ROWS, BLOCK_V=BLOCK_V, KEY16=logits.dtype != torch.float32,
         NEG_INF_KEY=_NEG_INF_KEY[logits.dtype], EXCL=excl, SAMPLE=sample,
-        SAMPLE_EXCL=bool(exclude_mask) and sample, num_warps=chunk_warps)
+        SAMPLE_EXCL=bool(exclude_mask) and sample, ENT=ent, FK=FK, FKP=_pow2(FK), num_warps=chunk_warps)
     _evo_merge_kernel[(triton.cdiv(BR, MROWS),)](
         logits, logits.stride(0), logits.stride(1), x, L, block_end, BR, R, V, mask_id, row0, seed,
-        part_m, part_s, part_top, part_arg, NC,
+        float(temperature), part_m, part_s, part_top, part_arg, NC,
+        part_e, part_ftop, part_fsc, part_fovc, part_fovb,
         x0, q, cand, tp, ids, status,
-        K=K, KP=KP, ROWS=MROWS, NCP=_pow2(NC), NCKP=_pow2(NC * K),
-        EXCL=excl, SAMPLE=sample, RANDQ=bool(random_remask), num_warps=4)
+        K=K, KT=KT, KP=KP, ROWS=MROWS, NCP=_pow2(NC), NCKP=_pow2(NC * KT),
+        EXCL=excl, SAMPLE=sample, RANDQ=bool(random_remask), CONF=CONF, FK=FK, NCFKP=_pow2(NC * FK),
+        num_warps=4)
+    if stdd is not None:
+        from .triton_stdd import stdd_thresholds
+        tau = stdd_thresholds(logits, q, stdd_history, stdd_count, stdd, row0, mask_id, _f64_bits)
+        hist, count, W = stdd_history, stdd_count, stdd.window
+    else:
+        tau = hist = count = q  # unused
+        W = 1
     _evo_seq_kernel[(B, triton.cdiv(R, BLOCK_I))](
         x, conf, L, B, R, row0, mask_id, num_transfer, block_start, prompt_len,
         x0, q, cand, tp, ids, w, transfer, status,
-        _f64_bits(alpha), _f64_bits(threshold if use_threshold else 0.0),
+        _f64_bits(alpha), _f64_bits(threshold if use_threshold else 0.0), tau, hist, count,
         K=K, KP1=_pow2(K + 1), BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
-        USE_THR=bool(use_threshold), EXCLM=bool(exclude_mask), num_warps=4)
+        USE_THR=bool(use_threshold), EXCLM=bool(exclude_mask), STDD=stdd is not None, W=W, num_warps=4)
     if return_probs:
         return ids, w, transfer, status, tp.view(B, R, K).float(), q.view(B, R)
     return ids, w, transfer, status
