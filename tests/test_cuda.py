@@ -308,6 +308,105 @@ def test_evo_step_random_remask(cuda_ops):
     assert abs(float(q.mean()) - 0.5) < 0.05
 
 
+# ------------------------------------------------------------------ evo_step options
+def call_opt(ops, inp, device, *, confidence=0, stdd=None, state=None, k_soft=3, temperature=0.0,
+             threshold=0.0, use_threshold=False, seed=1234):
+    """evo_step_fused_opt on `device`; stdd = [tau, lam_t, lam_s, tau_min, tau_max, radius] with
+    state = (history, count) CPU tensors (copied, returned updated)."""
+    t = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    if t["vslice"] is not None:
+        a, V = t["vslice"]
+        t["logits"] = t["logits"][:, :, a:a + V]
+    x, conf = t["x"].clone(), t["conf"].clone()
+    hist = count = None
+    params, radius = [], 0
+    if stdd is not None:
+        hist, count = (v.clone().to(device) for v in state)
+        params, radius = list(stdd[:5]), int(stdd[5])
+    ids, w, transfer, status, tp, q = ops.evo_step_fused_opt(
+        t["logits"], x, conf, t["num_transfer"], t["block_start"], t["block_end"], t["prompt_len"],
+        t["row0"], t["mask_id"], k_soft, 0.7, temperature, False, threshold, use_threshold, True, seed,
+        confidence, 0, hist, count, params, radius)
+    out = dict(ids=ids, w=w, transfer=transfer, status=status, tp=tp, q=q, x=x, conf=conf)
+    if stdd is not None:
+        out.update(hist=hist, count=count)
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def assert_same_opt(got, exp, dtype, inp):
+    assert_same_step(got, exp, dtype, inp)
+    torch.testing.assert_close(got["q"], exp["q"], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got["tp"], exp["tp"], rtol=1e-6, atol=0)
+    if "count" in exp:
+        assert torch.equal(got["count"], exp["count"])
+        torch.testing.assert_close(got["hist"], exp["hist"], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("V", [1000, 126464])
+@pytest.mark.parametrize("confidence,k_soft,temperature", [(1, 1, 0.0), (1, 3, 0.0), (2, 3, 0.0), (2, 16, 0.0),
+                                                           (1, 3, 0.8), (2, 3, 0.8)])
+def test_evo_step_confidences_match_cpu(cuda_ops, monkeypatch, V, dtype, shape, confidence, k_soft, temperature):
+    """topk_margin (1) and entropy (2) against the CPU kernel, greedy; sampled: q is deterministic
+    given the draw only for margin / entropy, which do not depend on it."""
+    monkeypatch.setenv(SPLITS_ENV, SHAPES[shape])
+    monkeypatch.setenv("EVOFAST_CUDA_VALUE_TABLE", "1")  # ignored with the entropy
+    inp = make_step_inputs(2, 29, V, dtype, seed=V + confidence)
+    kw = dict(confidence=confidence, k_soft=k_soft, temperature=temperature)
+    got, exp = call_opt(cuda_ops, inp, "cuda", **kw), call_opt(cuda_ops, inp, "cpu", **kw)
+    if temperature == 0.0:
+        assert_same_opt(got, exp, dtype, inp)
+    else:
+        torch.testing.assert_close(got["q"], exp["q"], rtol=1e-12, atol=1e-13)
+
+
+STDD_CASES = {  # [tau, lam_t, lam_s, tau_min, tau_max, radius], window
+    "full": ([0.05, 1.0, 0.5, 0.0, 1.0, 1], 3),
+    "radius2": ([0.05, 1.0, 0.6, 0.0, 1.0, 2], 2),
+    "temporal": ([0.1, 2.0, 0.0, 0.0, 1.0, 1], 4),
+    "none_pass": ([0.9, 1.0, 1.0, 0.0, 2.0, 1], 3),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("case", sorted(STDD_CASES))
+@pytest.mark.parametrize("V", [1000, 126464])
+def test_evo_step_stdd_matches_cpu(cuda_ops, monkeypatch, V, case, shape):
+    """Three steps with a prefilled history: transfers, x, conf and the history as the CPU kernel."""
+    monkeypatch.setenv(SPLITS_ENV, SHAPES[shape])
+    stdd, W = STDD_CASES[case]
+    inp = make_step_inputs(3, 29, V, torch.bfloat16, seed=V + W)
+    B, L = inp["x"].shape
+    g = torch.Generator().manual_seed(W)
+    hist = torch.rand(B, L, W, generator=g, dtype=torch.float64)
+    count = torch.randint(0, 6, (B, L), generator=g)
+    state_g, state_c = (hist, count), (hist, count)
+    for step in range(3):
+        base = (torch.randn(B, 1, V, generator=g) + torch.randn(B, 29, V, generator=g)) * (1 + 3 * step)
+        inp["logits"] = base.to(torch.bfloat16)
+        got = call_opt(cuda_ops, inp, "cuda", stdd=stdd, state=state_g)
+        exp = call_opt(cuda_ops, inp, "cpu", stdd=stdd, state=state_c)
+        assert_same_opt(got, exp, torch.bfloat16, inp)
+        state_g, state_c = (got["hist"], got["count"]), (exp["hist"], exp["count"])
+        inp["x"], inp["conf"] = exp["x"], exp["conf"]
+
+
+def test_evo_step_stdd_zero_lambdas_is_threshold(cuda_ops, monkeypatch):
+    monkeypatch.delenv(SPLITS_ENV, raising=False)
+    inp = make_step_inputs(3, 40, 50257, torch.float32, seed=3)
+    lg = torch.round(inp["logits"] / 2)
+    lg[:, 1::2] = lg[:, 0:-1:2]  # ties in q across rows
+    inp["logits"] = lg
+    B, L = inp["x"].shape
+    state = (torch.zeros(B, L, 3, dtype=torch.float64), torch.zeros(B, L, dtype=torch.int64))
+    for tau in (0.05, 0.5, 2.0):
+        a = call_opt(cuda_ops, inp, "cuda", stdd=[tau, 0.0, 0.0, 0.0, max(tau, 1.0), 1], state=state)
+        b = call_opt(cuda_ops, inp, "cuda", threshold=tau, use_threshold=True)
+        for key in ("ids", "w", "transfer", "status", "tp", "q", "x", "conf"):
+            assert torch.equal(a[key], b[key]), key
+
+
 # ------------------------------------------------------------------ soft_embed
 def embed_ref(weight, ids, w):
     c = w.clamp(min=0)

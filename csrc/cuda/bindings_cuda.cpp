@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -81,11 +82,33 @@ bool env_flag(const char* name) {
   return s != nullptr && *s != '\0' && *s != '0';
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
+// STDD's history tensors (cheap shape checks).
+void check_stdd(const char* op, const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& count,
+                at::ArrayRef<double> params, int64_t radius, int64_t B, int64_t L, const at::Device& dev) {
+  TORCH_CHECK(params.size() == 5, op, ": stdd_params must be [tau, lam_t, lam_s, tau_min, tau_max], got ",
+              params.size(), " values");
+  TORCH_CHECK(history.has_value() && count.has_value(), op,
+              ": stdd_history and stdd_count are required with stdd_params");
+  check_on(op, *history, "stdd_history", dev);
+  check_on(op, *count, "stdd_count", dev);
+  const at::Tensor& h = *history;
+  const at::Tensor& c = *count;
+  TORCH_CHECK(h.scalar_type() == at::kDouble && h.dim() == 3 && h.size(0) == B && h.size(1) == L &&
+                  h.size(2) >= 1 && h.is_contiguous(),
+              op, ": stdd_history must be a contiguous (B, L, W) float64 tensor, got ", h.scalar_type(), " ",
+              h.sizes());
+  TORCH_CHECK(c.scalar_type() == at::kLong && c.sizes() == at::IntArrayRef({B, L}) && c.is_contiguous(), op,
+              ": stdd_count must be a contiguous (B, L) int64 tensor, got ", c.scalar_type(), " ", c.sizes());
+  TORCH_CHECK(radius >= 0 && radius <= 16, op, ": stdd_radius must lie in [0, 16], got ", radius);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda_opt(
     const at::Tensor& logits, at::Tensor& x, at::Tensor& conf, const at::Tensor& num_transfer,
     const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
     int64_t row0, int64_t mask_id, int64_t k_soft, double alpha, double temperature,
-    bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed) {
+    bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed,
+    int64_t confidence, int64_t top_k, const std::optional<at::Tensor>& stdd_history,
+    const std::optional<at::Tensor>& stdd_count, at::ArrayRef<double> stdd_params, int64_t stdd_radius) {
   constexpr const char* op = "evo_step_fused";
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got one on ", logits.device());
   const at::Device dev = logits.device();
@@ -119,6 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
   TORCH_CHECK(mask_id >= 0 && mask_id < V, op, ": mask_id must lie in [0, ", V, "), got ", mask_id);
   TORCH_CHECK(alpha >= 0.0 && alpha < 1.0, op, ": alpha must lie in [0, 1), got ", alpha);
   TORCH_CHECK(temperature >= 0.0, op, ": temperature must be >= 0, got ", temperature);
+  TORCH_CHECK(confidence >= 0 && confidence <= 2, op,
+              ": confidence must be 0 (prob), 1 (margin) or 2 (entropy), got ", confidence);
+  TORCH_CHECK(top_k == 0 || temperature == 0.0, op,
+              ": the CUDA kernels have no top_k filter (evofast.ops.evo_step runs it on the reference), got ",
+              top_k);
+  const bool stdd = !stdd_params.empty() || stdd_history.has_value();
+  if (stdd) check_stdd(op, stdd_history, stdd_count, stdd_params, stdd_radius, B, L, dev);
 
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -126,14 +156,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
   auto w = at::empty({B, R, k_soft + 1}, logits.options());
   auto transfer = at::empty({B, R}, logits.options().dtype(at::kBool));
   auto status = at::empty({1}, logits.options().dtype(at::kLong));
+  auto q = at::empty({B, R}, logits.options().dtype(at::kDouble));
+  auto tp = at::empty({B, R, k_soft}, logits.options().dtype(at::kDouble));
 
+  ec::EvoStepArgs a;
+  a.confidence = static_cast<int>(confidence);
+  a.q_out = q.data_ptr<double>();
+  a.tp_out = tp.data_ptr<double>();
+  if (stdd) {
+    a.stdd_history = stdd_history->data_ptr<double>();
+    a.stdd_count = stdd_count->data_ptr<int64_t>();
+    a.stdd_window = static_cast<int>(stdd_history->size(2));
+    a.stdd_radius = static_cast<int>(stdd_radius);
+    a.stdd_tau = stdd_params[0];
+    a.stdd_lam_t = stdd_params[1];
+    a.stdd_lam_s = stdd_params[2];
+    a.stdd_tau_min = stdd_params[3];
+    a.stdd_tau_max = stdd_params[4];
+  }
+  a.R = R;  // stdd_band() reads it
   const int forced = forced_splits();
   const int splits = forced > 0 ? forced : ec::evo_step_choose_splits(B * R, V, num_sms(dev.index()));
-  const size_t ws_bytes = ec::evo_step_workspace_bytes(B, R, V, static_cast<int>(k_soft), splits);
+  const size_t ws_bytes =
+      ec::evo_step_workspace_bytes(B, R, V, static_cast<int>(k_soft), splits, ec::stdd_band(a));
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
 
-  ec::EvoStepArgs a;
   a.logits = logits.data_ptr();
   a.dtype = to_dtype(logits.scalar_type());
   a.B = B;
@@ -165,7 +213,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
   a.splits = splits;
   a.value_table = env_flag("EVOFAST_CUDA_VALUE_TABLE");
   C10_CUDA_CHECK(ec::evo_step_launch(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream));
-  return {ids, w, transfer, status};
+  return {ids, w, transfer, status, tp.to(at::kFloat), q};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
+    const at::Tensor& logits, at::Tensor& x, at::Tensor& conf, const at::Tensor& num_transfer,
+    const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
+    int64_t row0, int64_t mask_id, int64_t k_soft, double alpha, double temperature,
+    bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed) {
+  auto out = evo_step_cuda_opt(logits, x, conf, num_transfer, block_start, block_end, prompt_len, row0, mask_id,
+                               k_soft, alpha, temperature, random_remask, threshold, use_threshold, exclude_mask,
+                               seed, 0, 0, std::nullopt, std::nullopt, {}, 0);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
 // ids (..., J): the number of soft tokens, prod(ids.shape[:-1]).
@@ -263,6 +322,7 @@ std::tuple<at::Tensor, at::Tensor> soft_embed_bwd_cuda(const at::Tensor& grad, c
 
 TORCH_LIBRARY_IMPL(evofast, CUDA, m) {
   m.impl("evo_step_fused", &evofast::evo_step_cuda);
+  m.impl("evo_step_fused_opt", &evofast::evo_step_cuda_opt);
   m.impl("soft_embed_fwd_fused", &evofast::soft_embed_fwd_cuda);
   m.impl("soft_embed_bwd_fused", &evofast::soft_embed_bwd_cuda);
 }

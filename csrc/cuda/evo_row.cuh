@@ -84,6 +84,7 @@ template <int K, bool SAMPLE>
 struct RowAcc {
   float m;    // max of the columns seen (logits are exact in float)
   double s;   // sum of exp(l - m) over them, float64
+  double e;   // ENT: sum of exp(l - m) (l - m) over them (the entropy's numerator)
   TopK<K> top;
   double st;  // TABLE: sum of exp(v - kTableRef) over the columns the value table holds
   double as;  // SAMPLE: best Gumbel score, its logit and column
@@ -93,6 +94,7 @@ struct RowAcc {
   __device__ __forceinline__ void init() {
     m = -INFINITY;
     s = 0.0;
+    e = 0.0;
     st = 0.0;
     top.init();
     as = -INFINITY;
@@ -109,6 +111,20 @@ __device__ __forceinline__ void combine_ms(float& m, double& s, float m2, double
   const double t2 = (s2 == 0.0) ? 0.0 : s2 * exp(static_cast<double>(m2) - static_cast<double>(mn));
   m = mn;
   s = t1 + t2;
+}
+
+// (m, s, e) <- merged with (m2, s2, e2), e = sum exp(l - m) (l - m): moving a part
+// from its max to mn multiplies s by f = exp(m - mn) and e by f after adding
+// (m - mn) s. Empty parts (s == 0) add nothing.
+__device__ __forceinline__ void combine_mse(float& m, double& s, double& e, float m2, double s2, double e2) {
+  const float mn = m > m2 ? m : m2;
+  const double d1 = static_cast<double>(m) - static_cast<double>(mn);
+  const double d2 = static_cast<double>(m2) - static_cast<double>(mn);
+  const double f1 = (s == 0.0) ? 0.0 : exp(d1);
+  const double f2 = (s2 == 0.0) ? 0.0 : exp(d2);
+  e = ((s == 0.0) ? 0.0 : f1 * (e + d1 * s)) + ((s2 == 0.0) ? 0.0 : f2 * (e2 + d2 * s2));
+  s = ((s == 0.0) ? 0.0 : s * f1) + ((s2 == 0.0) ? 0.0 : s2 * f2);
+  m = mn;
 }
 
 // 2^(j/16), j = 0..15, correctly rounded (the table of exp_nonpos).
@@ -182,7 +198,7 @@ __device__ __forceinline__ double gumbel(uint64_t key, int col) {
 }
 
 // Folds N consecutive columns base..base+N-1 (values f, already float) into a.
-template <int N, int K, bool SAMPLE>
+template <int N, int K, bool SAMPLE, bool ENT = false>
 __device__ __forceinline__ void consume(RowAcc<K, SAMPLE>& a, float (&f)[N], int base,
                                         const RowCtx& c) {
   if (!SAMPLE && static_cast<unsigned>(c.skip_col - base) < static_cast<unsigned>(N)) {
@@ -203,16 +219,22 @@ __device__ __forceinline__ void consume(RowAcc<K, SAMPLE>& a, float (&f)[N], int
     }
   }
   if (vmax > a.m) {
-    a.s *= exp(static_cast<double>(a.m) - static_cast<double>(vmax));
+    const double dm = static_cast<double>(a.m) - static_cast<double>(vmax);
+    if (ENT) a.e = (a.s == 0.0) ? 0.0 : exp(dm) * (a.e + dm * a.s);
+    a.s *= exp(dm);
     a.m = vmax;
   }
   const double m = static_cast<double>(a.m);
-  double t = 0.0;
+  double t = 0.0, te = 0.0;
 #pragma unroll
   for (int e = 0; e < N; ++e) {
-    t += (f[e] == -INFINITY) ? 0.0 : exp_nonpos(static_cast<double>(f[e]) - m, c.exp_tab);
+    const double d = static_cast<double>(f[e]) - m;
+    const double x = (f[e] == -INFINITY) ? 0.0 : exp_nonpos(d, c.exp_tab);
+    t += x;
+    if (ENT) te += (f[e] == -INFINITY) ? 0.0 : x * d;
   }
   a.s += t;
+  if (ENT) a.e += te;
   if (SAMPLE) {
 #pragma unroll
     for (int e = 0; e < N; ++e) {
@@ -337,7 +359,7 @@ __device__ __forceinline__ void table_group(RowAcc<K, SAMPLE>& a, const unsigned
 }
 
 // Groups g = tid, tid + nt, ... of N columns each (two loads in flight).
-template <typename T, int K, bool SAMPLE, bool TABLE, bool VEC>
+template <typename T, int K, bool SAMPLE, bool TABLE, bool VEC, bool ENT>
 __device__ __forceinline__ void scan_groups(RowAcc<K, SAMPLE>& a, const T* __restrict__ p, int c0,
                                             int ngroups, const RowCtx& c) {
   constexpr int N = VecWidth<T>::value;
@@ -361,13 +383,13 @@ __device__ __forceinline__ void scan_groups(RowAcc<K, SAMPLE>& a, const T* __res
       float f0[N], f1[N];
       load_group<T, N, VEC>(p + g * N, f0);
       load_group<T, N, VEC>(p + (g + nt) * N, f1);
-      consume<N, K, SAMPLE>(a, f0, c0 + g * N, c);
-      consume<N, K, SAMPLE>(a, f1, c0 + (g + nt) * N, c);
+      consume<N, K, SAMPLE, ENT>(a, f0, c0 + g * N, c);
+      consume<N, K, SAMPLE, ENT>(a, f1, c0 + (g + nt) * N, c);
     }
     if (g < ngroups) {
       float f0[N];
       load_group<T, N, VEC>(p + g * N, f0);
-      consume<N, K, SAMPLE>(a, f0, c0 + g * N, c);
+      consume<N, K, SAMPLE, ENT>(a, f0, c0 + g * N, c);
     }
   }
 }
@@ -377,7 +399,7 @@ __device__ __forceinline__ void scan_groups(RowAcc<K, SAMPLE>& a, const T* __res
 // scalar tail done by thread 0. Which thread sees which column, and in which
 // order, does not depend on the row's alignment, so identical rows give
 // bit-identical results. A thread sees its columns in increasing order.
-template <typename T, int K, bool SAMPLE, bool TABLE>
+template <typename T, int K, bool SAMPLE, bool TABLE, bool ENT>
 __device__ __forceinline__ void scan_range(RowAcc<K, SAMPLE>& a, const T* __restrict__ row, int c0,
                                            int c1, const RowCtx& c) {
   constexpr int N = VecWidth<T>::value;
@@ -386,14 +408,14 @@ __device__ __forceinline__ void scan_range(RowAcc<K, SAMPLE>& a, const T* __rest
   if (len <= 0) return;
   const int ngroups = len / N;
   if (is_aligned16(p)) {
-    scan_groups<T, K, SAMPLE, TABLE, true>(a, p, c0, ngroups, c);
+    scan_groups<T, K, SAMPLE, TABLE, true, ENT>(a, p, c0, ngroups, c);
   } else {
-    scan_groups<T, K, SAMPLE, TABLE, false>(a, p, c0, ngroups, c);
+    scan_groups<T, K, SAMPLE, TABLE, false, ENT>(a, p, c0, ngroups, c);
   }
   if (threadIdx.x == 0) {
     for (int col = ngroups * N; col < len; ++col) {
       float f[1] = {to_float(p[col])};
-      consume<1, K, SAMPLE>(a, f, c0 + col, c);
+      consume<1, K, SAMPLE, ENT>(a, f, c0 + col, c);
     }
   }
 }
@@ -402,14 +424,19 @@ __device__ __forceinline__ void scan_range(RowAcc<K, SAMPLE>& a, const T* __rest
 // warp's (m, s) and argmax, and lane j < rounds holds the warp's j-th best
 // entry in (myv, myi) (rounds <= K). Each round is a shuffle argmax of the
 // lanes' list heads; the lane owning the winner pops it.
-template <int K, bool SAMPLE>
+template <int K, bool SAMPLE, bool ENT>
 __device__ __forceinline__ void warp_reduce_row(RowAcc<K, SAMPLE>& a, int rounds, float& myv,
                                                 int& myi) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) {
     const float m2 = __shfl_xor_sync(kFullMask, a.m, o);
     const double s2 = __shfl_xor_sync(kFullMask, a.s, o);
-    combine_ms(a.m, a.s, m2, s2);
+    if (ENT) {
+      const double e2 = __shfl_xor_sync(kFullMask, a.e, o);
+      combine_mse(a.m, a.s, a.e, m2, s2, e2);
+    } else {
+      combine_ms(a.m, a.s, m2, s2);
+    }
   }
   if (SAMPLE) {
 #pragma unroll
@@ -451,19 +478,20 @@ __device__ __forceinline__ void warp_reduce_row(RowAcc<K, SAMPLE>& a, int rounds
 
 // Block-wide merge (blockDim.x == kRowThreads): warps, then warp 0 over the
 // warps' results. The result is valid in warp 0 only (as warp_reduce_row).
-template <int K, bool SAMPLE>
+template <int K, bool SAMPLE, bool ENT>
 __device__ __forceinline__ void block_reduce_row(RowAcc<K, SAMPLE>& a, int rounds, float& myv,
                                                  int& myi) {
   __shared__ float sh_v[kRowWarps][K];
   __shared__ int sh_i[kRowWarps][K];
   __shared__ double sh_s[kRowWarps];
+  __shared__ double sh_e[kRowWarps];
   __shared__ double sh_as[kRowWarps];
   __shared__ float sh_m[kRowWarps];
   __shared__ float sh_al[kRowWarps];
   __shared__ int sh_ai[kRowWarps];
   const int lane = lane_id();
   const int w = warp_id();
-  warp_reduce_row(a, rounds, myv, myi);
+  warp_reduce_row<K, SAMPLE, ENT>(a, rounds, myv, myi);
   if (lane < rounds) {
     sh_v[w][lane] = myv;
     sh_i[w][lane] = myi;
@@ -471,6 +499,7 @@ __device__ __forceinline__ void block_reduce_row(RowAcc<K, SAMPLE>& a, int round
   if (lane == 0) {
     sh_m[w] = a.m;
     sh_s[w] = a.s;
+    sh_e[w] = a.e;
     sh_as[w] = a.as;
     sh_al[w] = a.al;
     sh_ai[w] = a.ai;
@@ -481,6 +510,7 @@ __device__ __forceinline__ void block_reduce_row(RowAcc<K, SAMPLE>& a, int round
   if (lane < kRowWarps) {
     a.m = sh_m[lane];
     a.s = sh_s[lane];
+    a.e = sh_e[lane];
     a.as = sh_as[lane];
     a.al = sh_al[lane];
     a.ai = sh_ai[lane];
@@ -492,12 +522,13 @@ __device__ __forceinline__ void block_reduce_row(RowAcc<K, SAMPLE>& a, int round
       }
     }
   }
-  warp_reduce_row(a, rounds, myv, myi);
+  warp_reduce_row<K, SAMPLE, ENT>(a, rounds, myv, myi);
 }
 
 // Partial record of one column chunk of a row (split-V).
 struct alignas(16) EvoPartial {
   double s;
+  double e;
   double as;
   float m;
   float al;
@@ -512,7 +543,8 @@ struct RowParams {
   int64_t R, V, stride_b, stride_r, row0;
   int skip_col;  // exclude_mask && 0 <= mask_id < V ? mask_id : -1
   int k;         // k_soft
-  int rounds;    // max(k, 1): the argmax at temperature 0 is the top-1
+  int rounds;    // max(k, 1), 2 for the margin: the argmax at temperature 0 is the top-1
+  int confidence;  // 0 p[x0], 1 the margin (top-1 minus top-2), 2 sum p log p
   double temp;
   bool random_remask;
   uint64_t seed;
@@ -533,6 +565,7 @@ __device__ __forceinline__ void finalize_row(const RowParams& p, int64_t row, in
   const int lane = lane_id();
   const double m = static_cast<double>(a.m);
   const double s = a.s;
+  const float v1 = __shfl_sync(kFullMask, myv, 1);  // the second largest value (margin)
   if (lane == 0) {
     if (!(isfinite(m) && isfinite(s))) {
       atomicMin(reinterpret_cast<unsigned long long*>(p.status), static_cast<unsigned long long>(row));
@@ -541,8 +574,10 @@ __device__ __forceinline__ void finalize_row(const RowParams& p, int64_t row, in
     const int x0 = SAMPLE ? a.ai : myi;
     const float lx0 = SAMPLE ? a.al : myv;
     p.x0[row] = x0;
-    p.q[row] = p.random_remask ? rng_unit(mix64(rng_key(p.seed, kStreamRemask, b, pos)))
-                               : exp(static_cast<double>(lx0) - m) / s;
+    double q = exp(static_cast<double>(lx0) - m) / s;
+    if (p.confidence == 1) q = exp(static_cast<double>(myv) - m) / s - exp(static_cast<double>(v1) - m) / s;
+    if (p.confidence == 2) q = a.e / s - log(s);
+    p.q[row] = p.random_remask ? rng_unit(mix64(rng_key(p.seed, kStreamRemask, b, pos))) : q;
   }
   if (lane < p.k) {
     p.tp[row * p.k + lane] = exp(static_cast<double>(myv) - m) / s;
@@ -559,7 +594,7 @@ __device__ __forceinline__ void fold_table(RowAcc<K, SAMPLE>& a) {
   a.st = 0.0;
 }
 
-template <typename T, int K, bool SAMPLE, bool TABLE>
+template <typename T, int K, bool SAMPLE, bool TABLE, bool ENT>
 __global__ void __launch_bounds__(kRowThreads) evo_row_kernel(const RowParams p) {
   const int64_t row = blockIdx.x;
   const int split = static_cast<int>(blockIdx.y);
@@ -587,11 +622,11 @@ __global__ void __launch_bounds__(kRowThreads) evo_row_kernel(const RowParams p)
   c.key = SAMPLE ? rng_key(p.seed, kStreamGumbel, b, pos) : 0;
   RowAcc<K, SAMPLE> a;
   a.init();
-  scan_range<T, K, SAMPLE, TABLE>(a, rp, static_cast<int>(c0), static_cast<int>(c1), c);
+  scan_range<T, K, SAMPLE, TABLE, ENT>(a, rp, static_cast<int>(c0), static_cast<int>(c1), c);
   if constexpr (TABLE) fold_table(a);
   float myv;
   int myi;
-  block_reduce_row(a, p.rounds, myv, myi);
+  block_reduce_row<K, SAMPLE, ENT>(a, p.rounds, myv, myi);
   if (warp_id() != 0) return;
   if (p.splits == 1) {
     finalize_row(p, row, b, pos, a, myv, myi);
@@ -601,6 +636,7 @@ __global__ void __launch_bounds__(kRowThreads) evo_row_kernel(const RowParams p)
   const int lane = lane_id();
   if (lane == 0) {
     out->s = a.s;
+    out->e = a.e;
     out->as = a.as;
     out->m = a.m;
     out->al = a.al;
@@ -614,7 +650,7 @@ __global__ void __launch_bounds__(kRowThreads) evo_row_kernel(const RowParams p)
 }
 
 // Split-V merge: one warp per row folds the row's `splits` partial records.
-template <int K, bool SAMPLE>
+template <int K, bool SAMPLE, bool ENT>
 __global__ void __launch_bounds__(kMergeWarps* kWarp) evo_merge_kernel(const RowParams p,
                                                                         int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + warp_id();
@@ -625,7 +661,11 @@ __global__ void __launch_bounds__(kMergeWarps* kWarp) evo_merge_kernel(const Row
   a.init();
   for (int sp = lane_id(); sp < p.splits; sp += kWarp) {
     const EvoPartial* in = p.part + row * p.splits + sp;
-    combine_ms(a.m, a.s, in->m, in->s);
+    if (ENT) {
+      combine_mse(a.m, a.s, a.e, in->m, in->s, in->e);
+    } else {
+      combine_ms(a.m, a.s, in->m, in->s);
+    }
     if (SAMPLE && better(in->as, in->ai, a.as, a.ai)) {
       a.as = in->as;
       a.al = in->al;
@@ -635,7 +675,7 @@ __global__ void __launch_bounds__(kMergeWarps* kWarp) evo_merge_kernel(const Row
   }
   float myv;
   int myi;
-  warp_reduce_row(a, p.rounds, myv, myi);
+  warp_reduce_row<K, SAMPLE, ENT>(a, p.rounds, myv, myi);
   finalize_row(p, row, b, pos, a, myv, myi);
 }
 

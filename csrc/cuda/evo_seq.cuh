@@ -1,12 +1,14 @@
 // Sequence pass of evo_step_fused (csrc/README.md, "evo_step_fused", item 2):
 // torch-free. One block per batch row: compacts the eligible rows of the window,
-// picks the transfers (rank by q, ties by position; or the threshold rule),
+// picks the transfers (rank by q, ties by position; the threshold rule; or STDD,
+// which also appends q to the history of every eligible row),
 // applies the revision and writes ids[..., k], w, transfer, x and conf. Reads the
 // row pass's x0 / q / top-k probabilities from the workspace and its status
 // flag: nothing is written when a row was not finite.
 #pragma once
 
 #include "evo_row.cuh"
+#include "evo_stdd.cuh"
 
 namespace evofast {
 namespace cuda {
@@ -34,6 +36,8 @@ struct SeqParams {
   const double* tp;
   int* list_r;     // (B, R) scratch: eligible rows of each batch row, in order
   double* list_q;  // (B, R) scratch: their q
+  double* list_tau;  // (B, R) scratch: their STDD thresholds
+  StddArgs stdd;
   int64_t* ids;
   void* w;
   bool* transfer;
@@ -77,6 +81,81 @@ __device__ __forceinline__ int block_best(const double* lq, int n) {
     }
   }
   return bj;
+}
+
+// STDD's fallback over the list (every thread gets the list position; n > 0).
+__device__ __forceinline__ int block_best_stdd(const double* lq, const double* lt, int n) {
+  __shared__ double sd[kSeqWarps], sq[kSeqWarps];
+  __shared__ int sj[kSeqWarps];
+  double bd = -INFINITY, bq = -INFINITY;
+  int bj = kNoIndex;
+  for (int j = static_cast<int>(threadIdx.x); j < n; j += kSeqThreads) {
+    const double d = lq[j] - lt[j];
+    if (bj == kNoIndex || stdd_better(d, lq[j], j, bd, bq, bj)) {
+      bd = d;
+      bq = lq[j];
+      bj = j;
+    }
+  }
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const double d2 = __shfl_xor_sync(kFullMask, bd, o);
+    const double q2 = __shfl_xor_sync(kFullMask, bq, o);
+    const int j2 = __shfl_xor_sync(kFullMask, bj, o);
+    if (j2 != kNoIndex && (bj == kNoIndex || stdd_better(d2, q2, j2, bd, bq, bj))) {
+      bd = d2;
+      bq = q2;
+      bj = j2;
+    }
+  }
+  if (lane_id() == 0) {
+    sd[warp_id()] = bd;
+    sq[warp_id()] = bq;
+    sj[warp_id()] = bj;
+  }
+  __syncthreads();
+  bd = -INFINITY;
+  bq = -INFINITY;
+  bj = kNoIndex;
+#pragma unroll
+  for (int w = 0; w < kSeqWarps; ++w) {
+    if (sj[w] != kNoIndex && (bj == kNoIndex || stdd_better(sd[w], sq[w], sj[w], bd, bq, bj))) {
+      bd = sd[w];
+      bq = sq[w];
+      bj = sj[w];
+    }
+  }
+  return bj;
+}
+
+// STDD: thresholds, the transfers, then q appended to every eligible row's history.
+__device__ __forceinline__ void stdd_transfer(const SeqParams& p, int64_t b, const int* lr, const double* lq,
+                                              int n, bool* tr) {
+  const int tid = static_cast<int>(threadIdx.x);
+  double* lt = p.list_tau + b * p.R;
+  int any = 0;
+  for (int j = tid; j < n; j += kSeqThreads) {
+    const int r = lr[j];
+    const double t = stdd_threshold(p.stdd, b, p.R, p.L, r, p.row0 + r, lq[j]);
+    lt[j] = t;
+    if (lq[j] >= t) {
+      tr[r] = true;
+      any = 1;
+    }
+  }
+  any = __syncthreads_or(any);
+  if (!any && n > 0) {
+    const int best = block_best_stdd(lq, lt, n);
+    if (tid == 0) tr[lr[best]] = true;
+  }
+  __syncthreads();
+  const int W = p.stdd.window;
+  for (int j = tid; j < n; j += kSeqThreads) {
+    const int64_t at = b * p.L + p.row0 + lr[j];
+    const int64_t c = p.stdd.count[at] > 0 ? p.stdd.count[at] : 0;
+    p.stdd.history[at * W + c % W] = lq[j];
+    p.stdd.count[at] = c + 1;
+  }
 }
 
 template <typename T>
@@ -141,7 +220,9 @@ __global__ void __launch_bounds__(kSeqThreads) evo_seq_kernel(const SeqParams p)
   const int* lr = in_smem ? s_r : g_r;
 
   // 2. Transfer selection (writes transfer[] = true; rows were reset above).
-  if (!p.use_threshold) {
+  if (p.stdd.on) {
+    stdd_transfer(p, b, lr, lq, n, tr);
+  } else if (!p.use_threshold) {
     const int64_t want = p.num_transfer[b];
     const int take = want <= 0 ? 0 : (want >= n ? n : static_cast<int>(want));
     if (take == n) {

@@ -1,6 +1,7 @@
-// Launcher of evo_step_fused's CUDA kernels (evo_row.cuh, evo_seq.cuh).
+// Launcher of evo_step_fused's CUDA kernels (evo_row.cuh, evo_stdd.cuh, evo_seq.cuh).
 #include "evo_row.cuh"
 #include "evo_seq.cuh"
+#include "evo_stdd.cuh"
 #include "evofast_cuda.h"
 
 #include <type_traits>
@@ -36,10 +37,10 @@ Geometry split_geometry(int64_t V, int splits) {
 size_t align_up(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
 
 struct Layout {
-  size_t x0, q, tp, list_r, list_q, part, total;
+  size_t x0, q, tp, list_r, list_q, list_tau, gram, part, total;
 };
 
-Layout layout(int64_t B, int64_t R, int k, int splits) {
+Layout layout(int64_t B, int64_t R, int k, int splits, int band) {
   const size_t rows = static_cast<size_t>(B) * static_cast<size_t>(R);
   const size_t kk = static_cast<size_t>(k > 0 ? k : 1);
   Layout l{};
@@ -54,47 +55,69 @@ Layout layout(int64_t B, int64_t R, int k, int splits) {
   off = align_up(off + rows * sizeof(int));
   l.list_q = off;
   off = align_up(off + rows * sizeof(double));
+  l.list_tau = off;
+  off = align_up(off + rows * sizeof(double));
+  l.gram = off;
+  if (band > 0) off = align_up(off + rows * static_cast<size_t>(band + 1) * sizeof(double));
   l.part = off;
   if (splits > 1) off = align_up(off + rows * static_cast<size_t>(splits) * sizeof(detail::EvoPartial));
   l.total = off;
   return l;
 }
 
-template <typename T, int K, bool SAMPLE>
+template <typename T, int K, bool SAMPLE, bool ENT>
 cudaError_t launch_rows(const detail::RowParams& rp, int64_t rows, bool table, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(rp.splits));
   bool launched = false;
   (void)table;  // unused where the table cannot apply
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !SAMPLE) {  // the value table: bf16, greedy
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && !SAMPLE && !ENT) {  // the value table: bf16, greedy
     if (table) {
-      detail::evo_row_kernel<T, K, SAMPLE, true><<<grid, detail::kRowThreads, 0, stream>>>(rp);
+      detail::evo_row_kernel<T, K, SAMPLE, true, false><<<grid, detail::kRowThreads, 0, stream>>>(rp);
       launched = true;
     }
   }
-  if (!launched) detail::evo_row_kernel<T, K, SAMPLE, false><<<grid, detail::kRowThreads, 0, stream>>>(rp);
+  if (!launched) detail::evo_row_kernel<T, K, SAMPLE, false, ENT><<<grid, detail::kRowThreads, 0, stream>>>(rp);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || rp.splits == 1) return err;
   const unsigned mgrid = static_cast<unsigned>(ceil_div(rows, detail::kMergeWarps));
-  detail::evo_merge_kernel<K, SAMPLE><<<mgrid, detail::kMergeWarps * detail::kWarp, 0, stream>>>(rp, rows);
+  detail::evo_merge_kernel<K, SAMPLE, ENT><<<mgrid, detail::kMergeWarps * detail::kWarp, 0, stream>>>(rp, rows);
   return cudaGetLastError();
+}
+
+template <typename T, int K>
+cudaError_t launch_rows_k(const detail::RowParams& rp, int64_t rows, bool sample, bool ent, bool table,
+                          cudaStream_t stream) {
+  if (sample) return ent ? launch_rows<T, K, true, true>(rp, rows, false, stream)
+                         : launch_rows<T, K, true, false>(rp, rows, false, stream);
+  return ent ? launch_rows<T, K, false, true>(rp, rows, false, stream)
+             : launch_rows<T, K, false, false>(rp, rows, table, stream);
 }
 
 template <typename T>
 cudaError_t launch_typed(const EvoStepArgs& a, const detail::RowParams& rp,
                          const detail::SeqParams& sp, int64_t rows, cudaStream_t stream) {
   const bool sample = a.temperature > 0.0;
+  const bool ent = a.confidence == 2;
   // the value table: bf16 only (its entries are bf16 bit patterns), greedy only, long chunks only
-  const bool table = a.value_table && !sample && std::is_same<T, __nv_bfloat16>::value &&
+  const bool table = a.value_table && !sample && !ent && std::is_same<T, __nv_bfloat16>::value &&
                     rp.chunk >= kTableMinCols;
-  cudaError_t err;
-  if (a.k_soft <= 4) {
-    err = sample ? launch_rows<T, 4, true>(rp, rows, false, stream)
-                 : launch_rows<T, 4, false>(rp, rows, table, stream);
-  } else {
-    err = sample ? launch_rows<T, 16, true>(rp, rows, false, stream)
-                 : launch_rows<T, 16, false>(rp, rows, table, stream);
-  }
+  cudaError_t err = a.k_soft <= 4 ? launch_rows_k<T, 4>(rp, rows, sample, ent, table, stream)
+                                  : launch_rows_k<T, 16>(rp, rows, sample, ent, table, stream);
   if (err != cudaSuccess) return err;
+  if (sp.stdd.band > 0) {  // STDD's Gram band, a separate pass over the window
+    detail::GramParams gp{};
+    gp.logits = a.logits;
+    gp.R = a.R;
+    gp.V = a.V;
+    gp.stride_b = a.stride_b;
+    gp.stride_r = a.stride_r;
+    gp.mask_id = a.mask_id;
+    gp.band = sp.stdd.band;
+    gp.gram = const_cast<double*>(sp.stdd.gram);
+    detail::evo_stdd_gram_kernel<T><<<static_cast<unsigned>(rows), detail::kGramThreads, 0, stream>>>(gp);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   detail::evo_seq_kernel<T><<<static_cast<unsigned>(a.B), detail::kSeqThreads, 0, stream>>>(sp);
   return cudaGetLastError();
 }
@@ -112,16 +135,17 @@ int evo_step_choose_splits(int64_t rows, int64_t V, int num_sms) {
   return s > 1 ? static_cast<int>(s) : 1;
 }
 
-size_t evo_step_workspace_bytes(int64_t B, int64_t R, int64_t V, int k_soft, int splits) {
+size_t evo_step_workspace_bytes(int64_t B, int64_t R, int64_t V, int k_soft, int splits, int stdd_band) {
   if (B <= 0 || R <= 0 || V <= 0) return 0;
-  return layout(B, R, k_soft, split_geometry(V, splits).splits).total;
+  return layout(B, R, k_soft, split_geometry(V, splits).splits, stdd_band).total;
 }
 
 cudaError_t evo_step_launch(const EvoStepArgs& a, void* workspace, size_t workspace_bytes,
                             cudaStream_t stream) {
   if (a.status == nullptr || a.B < 0 || a.R < 0 || a.V < 0 || a.k_soft < 0 || a.k_soft > kEvoMaxK ||
       a.V > 0x7fffffffLL || a.B * a.R > 0x7fffffffLL || a.R > 0x7fffffffLL || a.row0 < 0 ||
-      a.row0 + a.R > a.L || !(a.temperature >= 0.0)) {
+      a.row0 + a.R > a.L || !(a.temperature >= 0.0) || a.confidence < 0 || a.confidence > 2 ||
+      (a.stdd_history != nullptr && (a.stdd_count == nullptr || a.stdd_window < 1 || a.stdd_radius < 0))) {
     return cudaErrorInvalidValue;
   }
   cudaError_t err = cudaMemsetAsync(a.status, 0xff, sizeof(int64_t), stream);  // -1
@@ -131,7 +155,8 @@ cudaError_t evo_step_launch(const EvoStepArgs& a, void* workspace, size_t worksp
   if (a.V == 0 || a.k_soft > a.V) return cudaErrorInvalidValue;
 
   const Geometry g = split_geometry(a.V, a.splits);
-  const Layout l = layout(a.B, a.R, a.k_soft, g.splits);
+  const int band = stdd_band(a);
+  const Layout l = layout(a.B, a.R, a.k_soft, g.splits, band);
   if (workspace == nullptr || workspace_bytes < l.total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
 
@@ -144,15 +169,16 @@ cudaError_t evo_step_launch(const EvoStepArgs& a, void* workspace, size_t worksp
   rp.row0 = a.row0;
   rp.skip_col = (a.exclude_mask && a.mask_id >= 0 && a.mask_id < a.V) ? static_cast<int>(a.mask_id) : -1;
   rp.k = a.k_soft;
-  rp.rounds = a.k_soft > 0 ? a.k_soft : 1;
+  rp.rounds = a.k_soft > 1 ? a.k_soft : (a.confidence == 1 ? 2 : 1);  // the margin needs the top-2
+  rp.confidence = a.confidence;
   rp.temp = a.temperature;
   rp.random_remask = a.random_remask;
   rp.seed = a.seed;
   rp.chunk = g.chunk;
   rp.splits = g.splits;
   rp.x0 = reinterpret_cast<int*>(ws + l.x0);
-  rp.q = reinterpret_cast<double*>(ws + l.q);
-  rp.tp = reinterpret_cast<double*>(ws + l.tp);
+  rp.q = a.q_out != nullptr ? a.q_out : reinterpret_cast<double*>(ws + l.q);
+  rp.tp = a.tp_out != nullptr ? a.tp_out : reinterpret_cast<double*>(ws + l.tp);
   rp.ids = a.ids;
   rp.status = a.status;
   rp.part = g.splits > 1 ? reinterpret_cast<detail::EvoPartial*>(ws + l.part) : nullptr;
@@ -178,6 +204,19 @@ cudaError_t evo_step_launch(const EvoStepArgs& a, void* workspace, size_t worksp
   sp.tp = rp.tp;
   sp.list_r = reinterpret_cast<int*>(ws + l.list_r);
   sp.list_q = reinterpret_cast<double*>(ws + l.list_q);
+  sp.list_tau = reinterpret_cast<double*>(ws + l.list_tau);
+  sp.stdd.on = a.stdd_history != nullptr;
+  sp.stdd.tau = a.stdd_tau;
+  sp.stdd.lam_t = a.stdd_lam_t;
+  sp.stdd.lam_s = a.stdd_lam_s;
+  sp.stdd.tau_min = a.stdd_tau_min;
+  sp.stdd.tau_max = a.stdd_tau_max;
+  sp.stdd.window = a.stdd_window;
+  sp.stdd.radius = a.stdd_radius;
+  sp.stdd.band = band;
+  sp.stdd.history = a.stdd_history;
+  sp.stdd.count = a.stdd_count;
+  sp.stdd.gram = band > 0 ? reinterpret_cast<double*>(ws + l.gram) : nullptr;
   sp.ids = a.ids;
   sp.w = a.w;
   sp.transfer = a.transfer;

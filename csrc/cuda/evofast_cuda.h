@@ -67,16 +67,43 @@ struct EvoStepArgs {
   // a float64 exp; the sum is rescaled to the running max once per thread.
   // false: one exp per column, as for float32 / float16. Off by default until it
   // has run on a GPU (EVOFAST_CUDA_VALUE_TABLE=1 turns it on; tests/test_cuda.py
-  // covers both).
+  // covers both). Not with confidence 2 (the entropy needs every exp(d) d).
   bool value_table = false;
+
+  // ---- per-step options (csrc/README.md, evo_step_fused_opt)
+  // What q measures (random_remask aside): 0 p[x0], 1 the top-1 minus the top-2
+  // probability of p, 2 sum_v p_v log p_v.
+  int confidence = 0;
+  // float64 outputs of the row pass, q (B, R) and the top-k probabilities tp
+  // (B, R, k); nullptr: they stay in the workspace.
+  double* q_out = nullptr;
+  double* tp_out = nullptr;
+  // STDD replaces the transfer rule when stdd_history != nullptr: history (B, L,
+  // stdd_window) float64 and count (B, L) int64, read and updated in place (q is
+  // appended at every eligible row of a finite step); thresholds
+  // clamp(tau + lam_t * TV + lam_s * SD, tau_min, tau_max). The spatial term
+  // (lam_s != 0, radius > 0, R > 1) sums the Gram band of the window in a separate
+  // kernel: pass the same stdd_band() to the workspace query.
+  double* stdd_history = nullptr;
+  int64_t* stdd_count = nullptr;
+  int stdd_window = 1;
+  int stdd_radius = 0;
+  double stdd_tau = 0.0, stdd_lam_t = 0.0, stdd_lam_s = 0.0, stdd_tau_min = 0.0, stdd_tau_max = 0.0;
 };
+
+// Width - 1 of STDD's Gram band (2 * radius) when the spatial term is on, else 0.
+inline int stdd_band(const EvoStepArgs& a) {
+  return (a.stdd_history != nullptr && a.stdd_lam_s != 0.0 && a.stdd_radius > 0 && a.R > 1) ? 2 * a.stdd_radius
+                                                                                              : 0;
+}
 
 // The launch shape the kernels use by default for `rows = B * R` rows of `V`
 // columns on a device with `num_sms` multiprocessors.
 int evo_step_choose_splits(int64_t rows, int64_t V, int num_sms);
 
-// Bytes of device workspace evo_step_launch needs (256-byte aligned pointer).
-size_t evo_step_workspace_bytes(int64_t B, int64_t R, int64_t V, int k_soft, int splits);
+// Bytes of device workspace evo_step_launch needs (256-byte aligned pointer);
+// stdd_band: stdd_band(args) (0 without STDD's spatial term).
+size_t evo_step_workspace_bytes(int64_t B, int64_t R, int64_t V, int k_soft, int splits, int stdd_band = 0);
 
 // Enqueues the whole step: status reset, row pass (one block per row, or split-V
 // row pass + merge), then the sequence pass (one block per batch row). When a
