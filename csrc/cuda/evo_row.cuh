@@ -128,7 +128,7 @@ __device__ __forceinline__ void combine_mse(float& m, double& s, double& e, floa
 }
 
 // 2^(j/16), j = 0..15, correctly rounded (the table of exp_nonpos).
-__constant__ double kExp2Sixteenths[16] = {
+static __constant__ double kExp2Sixteenths[16] = {
     0x1.0000000000000p+0, 0x1.0b5586cf9890fp+0, 0x1.172b83c7d517bp+0, 0x1.2387a6e756238p+0,
     0x1.306fe0a31b715p+0, 0x1.3dea64c123422p+0, 0x1.4bfdad5362a27p+0, 0x1.5ab07dd485429p+0,
     0x1.6a09e667f3bcdp+0, 0x1.7a11473eb0187p+0, 0x1.8ace5422aa0dbp+0, 0x1.9c49182a3f090p+0,

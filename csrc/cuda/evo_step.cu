@@ -1,4 +1,5 @@
 // Launcher of evo_step_fused's CUDA kernels (evo_row.cuh, evo_stdd.cuh, evo_seq.cuh).
+#include "evo_launch.cuh"
 #include "evo_row.cuh"
 #include "evo_seq.cuh"
 #include "evo_stdd.cuh"
@@ -65,32 +66,11 @@ Layout layout(int64_t B, int64_t R, int k, int splits, int band) {
   return l;
 }
 
-template <typename T, int K, bool SAMPLE, bool ENT>
-cudaError_t launch_rows(const detail::RowParams& rp, int64_t rows, bool table, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(rp.splits));
-  bool launched = false;
-  (void)table;  // unused where the table cannot apply
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !SAMPLE && !ENT) {  // the value table: bf16, greedy
-    if (table) {
-      detail::evo_row_kernel<T, K, SAMPLE, true, false><<<grid, detail::kRowThreads, 0, stream>>>(rp);
-      launched = true;
-    }
-  }
-  if (!launched) detail::evo_row_kernel<T, K, SAMPLE, false, ENT><<<grid, detail::kRowThreads, 0, stream>>>(rp);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || rp.splits == 1) return err;
-  const unsigned mgrid = static_cast<unsigned>(ceil_div(rows, detail::kMergeWarps));
-  detail::evo_merge_kernel<K, SAMPLE, ENT><<<mgrid, detail::kMergeWarps * detail::kWarp, 0, stream>>>(rp, rows);
-  return cudaGetLastError();
-}
-
 template <typename T, int K>
-cudaError_t launch_rows_k(const detail::RowParams& rp, int64_t rows, bool sample, bool ent, bool table,
+cudaError_t launch_rows_k(const detail::RowParams& rp, int64_t rows, bool sample, bool table,
                           cudaStream_t stream) {
-  if (sample) return ent ? launch_rows<T, K, true, true>(rp, rows, false, stream)
-                         : launch_rows<T, K, true, false>(rp, rows, false, stream);
-  return ent ? launch_rows<T, K, false, true>(rp, rows, false, stream)
-             : launch_rows<T, K, false, false>(rp, rows, table, stream);
+  return sample ? detail::launch_rows<T, K, true, false>(rp, rows, false, stream)
+                : detail::launch_rows<T, K, false, false>(rp, rows, table, stream);
 }
 
 template <typename T>
@@ -101,8 +81,9 @@ cudaError_t launch_typed(const EvoStepArgs& a, const detail::RowParams& rp,
   // the value table: bf16 only (its entries are bf16 bit patterns), greedy only, long chunks only
   const bool table = a.value_table && !sample && !ent && std::is_same<T, __nv_bfloat16>::value &&
                     rp.chunk >= kTableMinCols;
-  cudaError_t err = a.k_soft <= 4 ? launch_rows_k<T, 4>(rp, rows, sample, ent, table, stream)
-                                  : launch_rows_k<T, 16>(rp, rows, sample, ent, table, stream);
+  cudaError_t err = ent ? detail::launch_rows_entropy<T>(rp, rows, sample, stream)
+                   : a.k_soft <= 4 ? launch_rows_k<T, 4>(rp, rows, sample, table, stream)
+                                   : launch_rows_k<T, 16>(rp, rows, sample, table, stream);
   if (err != cudaSuccess) return err;
   if (sp.stdd.band > 0) {  // STDD's Gram band, a separate pass over the window
     detail::GramParams gp{};

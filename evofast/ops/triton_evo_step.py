@@ -40,6 +40,15 @@ in (0, 1) from 52 bits of the counter `(0, pos, b, 1)`. Both match the spec's
 float64 draws in distribution, not bit for bit (the torch backend draws from
 the torch.Generator); a draw depends on (seed, b, pos, v) only, not on the tiling.
 
+Per-step options (csrc/README.md, evo_step_fused_opt): the margin takes the top-2 of the
+merged candidates (the chunk lists keep max(k, 2) entries); the entropy adds a chunk
+partial `sum exp(l - m_c) (l - m_c)` merged as `exp(m_c - mx) (e_c + (m_c - mx) s_c)`;
+the top_k filter keeps, per chunk, its top_k sampled columns with their Gumbel scores
+and the count / best score of the columns tied with its last value, and the merge takes
+the global top_k-th value, the kept candidates, x0 and q on the filtered distribution;
+STDD's thresholds come from triton_stdd.py and the sequence kernel selects and records
+the history. Ineligible rows carry q = -inf in `cand` (q itself may be negative).
+
 Greedy results equal the torch reference except on exact ties, where this
 backend follows csrc/README.md (smaller index / position first) while
 `torch.topk` may order ties otherwise (frequent with bf16 logits).
