@@ -465,3 +465,25 @@ def test_filter_ties_across_chunks(backend):
     for remasking, expect in (("topk_margin", pf[3100] - pf[5]), ("entropy", (pf * pf.log()).nan_to_num(0.0).sum())):
         _, qm = sample_rows(backend, dev, row, 4, M, temperature=0.5, top_k=3, remasking=remasking)
         torch.testing.assert_close(qm, expect.expand(4), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_cpp_stdd_tiles_split_a_row(radius):
+    """With several threads the cpp kernel splits a batch row's window into tiles that also
+    read the rows after them (halo): the same Gram band, so the same result."""
+    import evofast
+    if "cpp" not in evofast.ops.backends():
+        pytest.skip("cpp not built")
+    n = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        case = make_case(B=1, V=3000, seed=radius, block=8, n_blocks=3)
+        st = STDD(tau=0.3, lam_t=1.0, lam_s=0.5, radius=radius)
+        ref, hr, nr = stdd_run(case, "torch", torch.device("cpu"), st, steps=2)
+        got, hg, ng = stdd_run(case, "cpp", torch.device("cpu"), st, steps=2)
+    finally:
+        torch.set_num_threads(n)
+    for sr, sg in zip(ref, got):
+        assert torch.equal(sg[2], sr[2]) and torch.equal(sg[5], sr[5])
+        torch.testing.assert_close(sg[4], sr[4], rtol=1e-12, atol=1e-13)
+    assert torch.equal(ng, nr)

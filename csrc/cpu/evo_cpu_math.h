@@ -354,17 +354,55 @@ EVO_INLINE double chunk_expsum_ent(const vt* __restrict p, int64_t n, double mx,
   return total + comp;
 }
 
-// sum_i a[i] * b[i] in float64 over [0, n) without index `skip` (the mask column;
-// -1: none). float * float is exact in float64.
-template <typename vt>
-EVO_INLINE double chunk_dot(const vt* __restrict a, const vt* __restrict b, int64_t n, int64_t skip) {
-  double s0 = 0.0, s1 = 0.0;
+// Dot products of one chunk of the current row `a` with itself and with NB earlier
+// rows' chunks, in float64 over [0, n) without index `skip` (the mask column; -1:
+// none): out[0] += <a, a>, out[1 + j] += <a, prev[j]>. One pass: each value is
+// loaded and converted once (float * float is exact in float64).
+template <typename vt, int NB>
+EVO_INLINE void chunk_dots(const vt* __restrict a, const vt* const* prev, int64_t n, int64_t skip, double* out) {
+  const vt* p0 = NB > 0 ? prev[0] : a;
+  const vt* p1 = NB > 1 ? prev[1] : a;
+  const vt* p2 = NB > 2 ? prev[2] : a;
+  const vt* p3 = NB > 3 ? prev[3] : a;
   const int64_t cut = skip >= 0 && skip < n ? skip : n;
-#pragma omp simd reduction(+ : s0)
-  for (int64_t i = 0; i < cut; ++i) s0 += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-#pragma omp simd reduction(+ : s1)
-  for (int64_t i = cut + 1; i < n; ++i) s1 += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  return s0 + s1;
+  double s = 0.0, c0 = 0.0, c1 = 0.0, c2 = 0.0, c3 = 0.0;
+  for (int part = 0; part < 2; ++part) {
+    const int64_t lo = part == 0 ? 0 : cut + 1, hi = part == 0 ? cut : n;
+#pragma omp simd reduction(+ : s, c0, c1, c2, c3)
+    for (int64_t i = lo; i < hi; ++i) {
+      const double x = static_cast<double>(a[i]);
+      s += x * x;
+      if constexpr (NB > 0) c0 += x * static_cast<double>(p0[i]);
+      if constexpr (NB > 1) c1 += x * static_cast<double>(p1[i]);
+      if constexpr (NB > 2) c2 += x * static_cast<double>(p2[i]);
+      if constexpr (NB > 3) c3 += x * static_cast<double>(p3[i]);
+    }
+  }
+  out[0] += s;
+  if constexpr (NB > 0) out[1] += c0;
+  if constexpr (NB > 1) out[2] += c1;
+  if constexpr (NB > 2) out[3] += c2;
+  if constexpr (NB > 3) out[4] += c3;
+}
+
+// out[0] = <a, a>, out[d] = <a, prev[d - 1]> for d = 1..nprev, in passes of up to
+// four earlier rows.
+template <typename vt>
+EVO_INLINE void chunk_band(const vt* a, const vt* const* prev, int nprev, int64_t n, int64_t skip, double* out) {
+  for (int d = 0; d <= nprev; ++d) out[d] = 0.0;
+  double part[5];
+  for (int d = 0; d == 0 || d < nprev; d += 4) {
+    for (double& v : part) v = 0.0;
+    switch (nprev - d < 4 ? nprev - d : 4) {
+      case 0: chunk_dots<vt, 0>(a, prev + d, n, skip, part); break;
+      case 1: chunk_dots<vt, 1>(a, prev + d, n, skip, part); break;
+      case 2: chunk_dots<vt, 2>(a, prev + d, n, skip, part); break;
+      case 3: chunk_dots<vt, 3>(a, prev + d, n, skip, part); break;
+      default: chunk_dots<vt, 4>(a, prev + d, n, skip, part); break;
+    }
+    if (d == 0) out[0] = part[0];
+    for (int j = 1; j <= 4 && d + j <= nprev; ++j) out[d + j] = part[j];
+  }
 }
 
 }  // namespace cpu_detail

@@ -403,6 +403,8 @@ EVO_INLINE void tile_pass(const RowParams& P, int64_t begin, int64_t end) {
   const scalar_t* base = static_cast<const scalar_t*>(P.logits);
   std::vector<RowState<vt>> states;
   std::vector<uint64_t> keys;
+  std::vector<const vt*> prev(static_cast<size_t>(D));
+  std::vector<double> dots(static_cast<size_t>(D + 1));
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / P.tiles_per_b;
     const int64_t r0 = (t % P.tiles_per_b) * P.tile;
@@ -424,14 +426,14 @@ EVO_INLINE void tile_pass(const RowParams& P, int64_t begin, int64_t end) {
         const int64_t slot = (r - r0) % slots;
         const vt* p = load_chunk<scalar_t>(P, base + b * P.s0 + r * P.s1, c0, n, ring.data() + slot * kChunk);
         rp[slot] = p;
-        if (r < r1) {
-          consume_chunk<vt, isa>(P, states[r - r0], p, c0, n, gbuf.data(), keys[r - r0]);
-          P.gram[(b * P.R + r) * slots] += chunk_dot<vt>(p, p, n, skip);
-        }
-        for (int64_t d = 1; d <= D && r - d >= r0; ++d) {
-          if (r - d >= r1) continue;
-          P.gram[(b * P.R + r - d) * slots + d] += chunk_dot<vt>(rp[(r - d - r0) % slots], p, n, skip);
-        }
+        if (r < r1) consume_chunk<vt, isa>(P, states[r - r0], p, c0, n, gbuf.data(), keys[r - r0]);
+        // this chunk's products with itself and the previous rows' chunks (still in cache)
+        const int nprev = static_cast<int>(std::min(D, r - r0));
+        for (int d = 1; d <= nprev; ++d) prev[d - 1] = rp[(r - d - r0) % slots];
+        chunk_band<vt>(p, prev.data(), nprev, n, skip, dots.data());
+        if (r < r1) P.gram[(b * P.R + r) * slots] += dots[0];
+        for (int d = 1; d <= nprev; ++d)
+          if (r - d < r1) P.gram[(b * P.R + r - d) * slots + d] += dots[d];
       }
     }
     for (int64_t r = r0; r < r1; ++r)
