@@ -32,8 +32,31 @@ TORCH_LIBRARY(evofast, m) {
       "bool need_w) -> (Tensor, Tensor)");
 }
 
+namespace {
+
+// evo_step_fused is evo_step_fused_opt without options, on whatever backend the tensors
+// select (CPU here, CUDA in evofast._C_cuda): one definition for both.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_without_options(
+    const at::Tensor& logits, at::Tensor& x, at::Tensor& conf, const at::Tensor& num_transfer,
+    const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
+    int64_t row0, int64_t mask_id, int64_t k_soft, double alpha, double temperature,
+    bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("evofast::evo_step_fused_opt", "")
+                             .typed<decltype(evofast::evo_step_cpu_opt)>();
+  auto out = op.call(logits, x, conf, num_transfer, block_start, block_end, prompt_len, row0, mask_id, k_soft,
+                     alpha, temperature, random_remask, threshold, use_threshold, exclude_mask, seed, 0, 0,
+                     std::nullopt, std::nullopt, {}, 0);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(evofast, CompositeExplicitAutograd, m) {
+  m.impl("evo_step_fused", &evo_step_without_options);
+}
+
 TORCH_LIBRARY_IMPL(evofast, CPU, m) {
-  m.impl("evo_step_fused", &evofast::evo_step_cpu);
   m.impl("evo_step_fused_opt", &evofast::evo_step_cpu_opt);
   m.impl("soft_embed_fwd_fused", &evofast::soft_embed_fwd_cpu);
   m.impl("soft_embed_bwd_fused", &evofast::soft_embed_bwd_cpu);

@@ -5,7 +5,7 @@ import torch
 
 import evofast
 from evofast.baselines import authors_step
-from evofast.ops import NonFiniteLogitsError, evo_step
+from evofast.ops import STDD, NonFiniteLogitsError, evo_step, stdd_state
 
 from _evo_cases import make_case
 
@@ -292,6 +292,27 @@ def _bad_calls():
     yield "exclude_mask", dict(base, exclude_mask="yes")
     yield "check_finite", dict(base, check_finite=1)
     yield "check_ids", dict(base, check_ids=None)
+    # the per-step options
+    h, n = stdd_state(2, L)
+    sb = dict(base, stdd=STDD(), stdd_history=h, stdd_count=n)
+    yield "remasking", dict(base, remasking="margin")
+    yield "top_k", dict(base, top_k=0)
+    yield "top_k", dict(base, top_k=2.0)
+    yield "top_p", dict(base, top_p=0.0)
+    yield "top_p", dict(base, top_p=1.5)
+    yield "top_p", dict(base, top_p="0.9")
+    yield "return_probs", dict(base, return_probs=1)
+    yield "stdd", dict(base, stdd=dict(tau=0.9), stdd_history=h, stdd_count=n)
+    yield "stdd", dict(sb, threshold=0.5)
+    yield "stdd_history", dict(base, stdd_history=h)
+    yield "stdd_count", dict(base, stdd_count=n)
+    yield "stdd_history", dict(sb, stdd_history=None)
+    yield "stdd_count", dict(sb, stdd_count=None)
+    yield "stdd_history", dict(sb, stdd_history=h.float())
+    yield "stdd_history", dict(sb, stdd_history=h[:, :, :2].contiguous())
+    yield "stdd_history", dict(sb, stdd_history=h.transpose(0, 1).contiguous().transpose(0, 1))
+    yield "stdd_count", dict(sb, stdd_count=n.int())
+    yield "stdd_count", dict(sb, stdd_count=n[:, :-1].contiguous())
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])

@@ -1,5 +1,5 @@
-// C++ CPU kernel of evofast::evo_step_fused_opt and evo_step_fused (semantics:
-// csrc/README.md).
+// C++ CPU kernel of evofast::evo_step_fused_opt (semantics: csrc/README.md;
+// evo_step_fused calls it without options, csrc/bindings.cpp).
 //
 // Two passes:
 //  1. Row pass (cpu/evo_row_cpu.h), parallel over the B*R window rows (or over
@@ -246,17 +246,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   });
   return {ids, w, transfer, status, tp.to(at::kFloat), q};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cpu(
-    const at::Tensor& logits, at::Tensor& x, at::Tensor& conf, const at::Tensor& num_transfer,
-    const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
-    int64_t row0, int64_t mask_id, int64_t k_soft, double alpha, double temperature,
-    bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed) {
-  auto out = evo_step_cpu_opt(logits, x, conf, num_transfer, block_start, block_end, prompt_len, row0, mask_id,
-                              k_soft, alpha, temperature, random_remask, threshold, use_threshold, exclude_mask,
-                              seed, 0, 0, std::nullopt, std::nullopt, {}, 0);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
 }
 
 }  // namespace evofast

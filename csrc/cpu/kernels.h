@@ -6,12 +6,6 @@
 
 namespace evofast {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cpu(
-    const at::Tensor& logits, at::Tensor& x, at::Tensor& conf, const at::Tensor& num_transfer,
-    const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
-    int64_t row0, int64_t mask_id, int64_t k_soft, double alpha, double temperature,
-    bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed);
-
 // evo_step_fused with the per-step options: confidence 0 prob / 1 margin / 2 entropy,
 // top_k the sampling filter (0: none), STDD when stdd_params = [tau, lam_t, lam_s, tau_min,
 // tau_max] is non-empty. Returns (ids, w, transfer, status, tp float32, q float64).

@@ -216,17 +216,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {ids, w, transfer, status, tp.to(at::kFloat), q};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> evo_step_cuda(
-    const at::Tensor& logits, at::Tensor& x, at::Tensor& conf, const at::Tensor& num_transfer,
-    const at::Tensor& block_start, const at::Tensor& block_end, const at::Tensor& prompt_len,
-    int64_t row0, int64_t mask_id, int64_t k_soft, double alpha, double temperature,
-    bool random_remask, double threshold, bool use_threshold, bool exclude_mask, int64_t seed) {
-  auto out = evo_step_cuda_opt(logits, x, conf, num_transfer, block_start, block_end, prompt_len, row0, mask_id,
-                               k_soft, alpha, temperature, random_remask, threshold, use_threshold, exclude_mask,
-                               seed, 0, 0, std::nullopt, std::nullopt, {}, 0);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
-}
-
 // ids (..., J): the number of soft tokens, prod(ids.shape[:-1]).
 int64_t rows_of(const at::Tensor& ids) {
   int64_t n = 1;
@@ -321,7 +310,6 @@ std::tuple<at::Tensor, at::Tensor> soft_embed_bwd_cuda(const at::Tensor& grad, c
 }  // namespace evofast
 
 TORCH_LIBRARY_IMPL(evofast, CUDA, m) {
-  m.impl("evo_step_fused", &evofast::evo_step_cuda);
   m.impl("evo_step_fused_opt", &evofast::evo_step_cuda_opt);
   m.impl("soft_embed_fwd_fused", &evofast::soft_embed_fwd_cuda);
   m.impl("soft_embed_bwd_fused", &evofast::soft_embed_bwd_cuda);

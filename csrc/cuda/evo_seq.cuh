@@ -44,53 +44,16 @@ struct SeqParams {
   const int64_t* status;
 };
 
-// Best (largest q, then smallest list position) over the block; every thread
-// gets the list position (kNoIndex when n == 0).
-__device__ __forceinline__ int block_best(const double* lq, int n) {
-  __shared__ double sq[kSeqWarps];
-  __shared__ int sj[kSeqWarps];
-  double bq = -INFINITY;
-  int bj = kNoIndex;
-  for (int j = static_cast<int>(threadIdx.x); j < n; j += kSeqThreads) {
-    if (better(lq[j], j, bq, bj)) {
-      bq = lq[j];
-      bj = j;
-    }
-  }
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) {
-    const double q2 = __shfl_xor_sync(kFullMask, bq, o);
-    const int j2 = __shfl_xor_sync(kFullMask, bj, o);
-    if (better(q2, j2, bq, bj)) {
-      bq = q2;
-      bj = j2;
-    }
-  }
-  if (lane_id() == 0) {
-    sq[warp_id()] = bq;
-    sj[warp_id()] = bj;
-  }
-  __syncthreads();
-  bq = -INFINITY;
-  bj = kNoIndex;
-#pragma unroll
-  for (int w = 0; w < kSeqWarps; ++w) {
-    if (better(sq[w], sj[w], bq, bj)) {
-      bq = sq[w];
-      bj = sj[w];
-    }
-  }
-  return bj;
-}
-
-// STDD's fallback over the list (every thread gets the list position; n > 0).
-__device__ __forceinline__ int block_best_stdd(const double* lq, const double* lt, int n) {
+// The list position first in the order (q - t larger, then q larger, then the
+// smaller position) over the block; every thread gets it (kNoIndex when n == 0).
+// lt == nullptr: t = 0, the order (q desc, position asc) of the threshold rule.
+__device__ __forceinline__ int block_best(const double* lq, const double* lt, int n) {
   __shared__ double sd[kSeqWarps], sq[kSeqWarps];
   __shared__ int sj[kSeqWarps];
   double bd = -INFINITY, bq = -INFINITY;
   int bj = kNoIndex;
   for (int j = static_cast<int>(threadIdx.x); j < n; j += kSeqThreads) {
-    const double d = lq[j] - lt[j];
+    const double d = lt != nullptr ? lq[j] - lt[j] : lq[j];
     if (bj == kNoIndex || stdd_better(d, lq[j], j, bd, bq, bj)) {
       bd = d;
       bq = lq[j];
@@ -145,7 +108,7 @@ __device__ __forceinline__ void stdd_transfer(const SeqParams& p, int64_t b, con
   }
   any = __syncthreads_or(any);
   if (!any && n > 0) {
-    const int best = block_best_stdd(lq, lt, n);
+    const int best = block_best(lq, lt, n);
     if (tid == 0) tr[lr[best]] = true;
   }
   __syncthreads();
@@ -241,7 +204,7 @@ __global__ void __launch_bounds__(kSeqThreads) evo_seq_kernel(const SeqParams p)
       }
     }
   } else if (n > 0) {
-    const int best = block_best(lq, n);
+    const int best = block_best(lq, nullptr, n);
     for (int j = tid; j < n; j += kSeqThreads) {
       if (j == best || lq[j] >= p.threshold) tr[lr[j]] = true;
     }

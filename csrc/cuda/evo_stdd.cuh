@@ -9,7 +9,7 @@
 // update run in the sequence kernel (evo_seq.cuh) with the helpers below.
 #pragma once
 
-#include "common.cuh"
+#include "evo_row.cuh"
 
 namespace evofast {
 namespace cuda {
@@ -17,27 +17,22 @@ namespace detail {
 
 constexpr int kGramThreads = 256;
 
-struct GramParams {
-  const void* logits;
-  int64_t R, V, stride_b, stride_r, mask_id;
-  int band;      // 2r: G has band + 1 entries per row
-  double* gram;  // (B*R, band + 1)
-};
-
+// Grid (B * R): block `row` sums G[row][d] for d = 0..band into gram.
 template <typename T>
-__global__ void __launch_bounds__(kGramThreads) evo_stdd_gram_kernel(const GramParams p) {
+__global__ void __launch_bounds__(kGramThreads) evo_stdd_gram_kernel(const RowParams p, int64_t mask_id,
+                                                                     int band, double* gram) {
   __shared__ double sh[kGramThreads / kWarp];
   const int64_t row = blockIdx.x;
   const int64_t b = row / p.R;
   const int64_t r = row - b * p.R;
   const T* base = static_cast<const T*>(p.logits) + b * p.stride_b;
   const T* li = base + r * p.stride_r;
-  for (int d = 0; d <= p.band; ++d) {  // block-uniform loop
+  for (int d = 0; d <= band; ++d) {  // block-uniform loop
     double acc = 0.0;
     if (r + d < p.R) {
       const T* lj = base + (r + d) * p.stride_r;
       for (int64_t v = threadIdx.x; v < p.V; v += kGramThreads) {
-        if (v == p.mask_id) continue;
+        if (v == mask_id) continue;
         acc += static_cast<double>(to_float(li[v])) * static_cast<double>(to_float(lj[v]));
       }
     }
@@ -47,7 +42,7 @@ __global__ void __launch_bounds__(kGramThreads) evo_stdd_gram_kernel(const GramP
     if (threadIdx.x == 0) {
       double t = 0.0;
       for (int w = 0; w < kGramThreads / kWarp; ++w) t += sh[w];
-      p.gram[row * (p.band + 1) + d] = t;
+      gram[row * (band + 1) + d] = t;
     }
     __syncthreads();
   }
@@ -59,7 +54,7 @@ struct StddArgs {
   int window, radius, band;  // band: 2r with the spatial term, else 0
   double* history;           // (B, L, window)
   int64_t* count;            // (B, L)
-  const double* gram;        // (B*R, band + 1)
+  double* gram;              // (B*R, band + 1)
 };
 
 // TV: population std of the last `window` values of the ring with q appended,

@@ -86,16 +86,8 @@ cudaError_t launch_typed(const EvoStepArgs& a, const detail::RowParams& rp,
                                    : launch_rows_k<T, 16>(rp, rows, sample, table, stream);
   if (err != cudaSuccess) return err;
   if (sp.stdd.band > 0) {  // STDD's Gram band, a separate pass over the window
-    detail::GramParams gp{};
-    gp.logits = a.logits;
-    gp.R = a.R;
-    gp.V = a.V;
-    gp.stride_b = a.stride_b;
-    gp.stride_r = a.stride_r;
-    gp.mask_id = a.mask_id;
-    gp.band = sp.stdd.band;
-    gp.gram = const_cast<double*>(sp.stdd.gram);
-    detail::evo_stdd_gram_kernel<T><<<static_cast<unsigned>(rows), detail::kGramThreads, 0, stream>>>(gp);
+    detail::evo_stdd_gram_kernel<T><<<static_cast<unsigned>(rows), detail::kGramThreads, 0, stream>>>(
+        rp, a.mask_id, sp.stdd.band, sp.stdd.gram);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
