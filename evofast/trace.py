@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Trace", "TraceStep", "to_html", "STATE_NAMES", "MASK", "SOFT_MASK", "SOFT", "DECODED"]
+__all__ = ["Trace", "TraceStep", "to_html", "record_step", "STATE_NAMES", "MASK", "SOFT_MASK", "SOFT", "DECODED"]
 
 MASK, SOFT_MASK, SOFT, DECODED = 0, 1, 2, 3
 STATE_NAMES = ("mask", "soft-mask", "soft", "decoded")
@@ -102,6 +102,44 @@ class Trace:
     def to_html(self, tokenizer=None, path=None, *, title: Optional[str] = None, rows=None) -> str:
         """Same as `evofast.trace.to_html(self, tokenizer, path)`."""
         return to_html(self, tokenizer, path, title=title, rows=rows)
+
+
+def record_step(step: int, rows: list, block: list, window: tuple, x: Tensor, conf: Tensor,
+                rep_ids: Optional[Tensor], rep_w: Optional[Tensor], mask_id: int, k: int, records: list, *,
+                lg: Optional[Tensor] = None, temperature: float = 0.0) -> TraceStep:
+    """A TraceStep of the state after a step of the batch rows `rows` (CPU copies). `lg`: their
+    window logits, (len(rows), R, V) from row window[0]; None before the first forward. `records`:
+    the steps recorded so far (the last one gives the transfers)."""
+    B, L = x.shape
+    M, row0 = mask_id, window[0]
+    xc = x.detach().to("cpu").clone()
+    if rep_w is None:
+        rid = torch.zeros(B, L, k + 1, dtype=torch.long)
+        rid[..., k] = xc
+        rw = torch.zeros(B, L, k + 1, dtype=torch.float32)
+        rw[..., k] = 1
+    else:
+        rid = rep_ids.detach().to("cpu").clone()
+        rw = rep_w.detach().to("cpu", torch.float32)
+    topk_ids = torch.full((B, L, k), -1, dtype=torch.long)
+    topk_p = torch.full((B, L, k), float("nan"), dtype=torch.float32)
+    transfer = torch.zeros(B, L, dtype=torch.bool)
+    if lg is not None:                                           # row by row: no (B, R, V) temporaries
+        R = lg.shape[1]
+        for j, r in enumerate(rows):
+            lr = lg[j].float()
+            if temperature == 0:                                 # as the step: M out of the softmax
+                lr = lr.clone()
+                lr[:, M] = -torch.inf
+            top, ti = lr.topk(k, dim=-1)
+            tp = (top - torch.logsumexp(lr, dim=-1, keepdim=True)).exp()
+            topk_ids[r, row0:row0 + R] = ti.cpu()
+            topk_p[r, row0:row0 + R] = tp.cpu()
+        transfer = (records[-1].x == M) & (xc != M)
+    state = state_of(xc, None if rep_w is None else rw, M)
+    return TraceStep(step=step, rows=list(rows), block=list(block), window=tuple(window), x=xc,
+                     conf=conf.detach().to("cpu").clone(), state=state, rep_ids=rid, rep_w=rw, transfer=transfer,
+                     topk_ids=topk_ids, topk_p=topk_p)
 
 
 def state_of(x: Tensor, rep_w: Optional[Tensor], mask_id: int) -> Tensor:
