@@ -87,8 +87,7 @@ def load_model_and_task(path, task_text, device, dtype=None, *, lora=None, merge
     """(model patched for generate, tokenizer, task) of a checkpoint directory."""
     import torch
 
-    from .models.loading import load_checkpoint
-    from .models.registry import patch
+    from .models.loading import load_checkpoint, patch_for_generation
 
     path = Path(path)
     if not path.is_dir():
@@ -96,8 +95,7 @@ def load_model_and_task(path, task_text, device, dtype=None, *, lora=None, merge
     task = resolve_task(path, task_text)
     model, tok = load_checkpoint(str(path), device, dtype or torch.float32, trust_remote_code,
                                  lora=lora, merge_lora=merge_lora)
-    inner_config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
-    patch(model, mask_id=tok.mask_token_id if getattr(inner_config, "mask_token_id", None) is None else None)
+    patch_for_generation(model, tok)
     return model, tok, task
 
 

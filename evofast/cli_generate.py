@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from . import generation
-    from .models.registry import patch
+    from .models.loading import patch_for_generation
 
     def err(msg):
         print(f"evofast generate: error: {msg}", file=sys.stderr)
@@ -123,10 +123,7 @@ def run(args: argparse.Namespace) -> int:
                                          lora=args.lora, merge_lora=args.merge_lora)
             if args.lora is not None and args.merge_lora:
                 print(MERGE_NOTE, file=sys.stderr)
-        mask_id = args.mask_id
-        if mask_id is None and getattr(getattr(model, "config", None), "mask_token_id", None) is None:
-            mask_id = getattr(tok, "mask_token_id", None)
-        patch(model, mask_id=mask_id)
+        patch_for_generation(model, tok, args.mask_id)
     except (OSError, ValueError, TypeError, ImportError) as e:
         return err(f"cannot load {args.model!r}: {e}")
 

@@ -164,8 +164,7 @@ def _decoding(mode, gen_length, steps, block_length, k_soft, alpha, temperature,
 
 def _load(pretrained, tokenizer, device, dtype, lora, merge_lora, trust_remote_code):
     """(model patched for evofast, tokenizer)."""
-    from ..models import patch
-    from ..models.loading import load_checkpoint
+    from ..models.loading import load_checkpoint, patch_for_generation
 
     if isinstance(pretrained, torch.nn.Module):
         if tokenizer is None:
@@ -180,9 +179,7 @@ def _load(pretrained, tokenizer, device, dtype, lora, merge_lora, trust_remote_c
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code)
-    inner = getattr(model, "get_base_model", lambda: model)()
-    has_mask = getattr(getattr(inner, "config", None), "mask_token_id", None) is not None
-    patch(model, mask_id=None if has_mask else getattr(tokenizer, "mask_token_id", None))
+    patch_for_generation(model, tokenizer)
     return model, tokenizer
 
 

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["load_checkpoint", "load_tiny", "check_lora", "load_lora"]
+__all__ = ["load_checkpoint", "load_tiny", "check_lora", "load_lora", "patch_for_generation"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -72,6 +72,16 @@ def load_checkpoint(path: str, device, dtype, trust_remote_code: bool = False, *
     if lora is not None:
         model = load_lora(model, lora, merge=merge_lora)
     return model.to(device).eval(), tok
+
+
+def patch_for_generation(model, tokenizer, mask_id: Optional[int] = None):
+    """`evofast.patch` the model (a peft wrapper too) with `mask_id`, or its config's, or else the
+    tokenizer's mask token (BERT-like checkpoints keep it there). Returns the model."""
+    from .registry import patch, unwrap
+
+    if mask_id is None and getattr(getattr(unwrap(model), "config", None), "mask_token_id", None) is None:
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+    return patch(model, mask_id=mask_id)
 
 
 def load_lora(model, lora: str, *, merge: bool = False):
