@@ -258,7 +258,7 @@ def _claim_store(args, task, data, configs, dtype, device, n):
 def _one_configuration(args, task, examples, config, device, dtype) -> int:
     """A synthetic task's single configuration, in memory: one line, and a JSON record with --json."""
     from .bench import _common
-    from .evaluate import evaluate
+    from .study.evaluate import evaluate
     from .evaluation.runner import distributed_context
 
     model, tok, _ = load_model_and_task(args.model, args.task, device, dtype, lora=args.lora,

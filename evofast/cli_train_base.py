@@ -5,7 +5,7 @@
         [--heads 4] [--seed 0] [--device auto] [--threads N] [--eval-n 200]
 
 Masked-diffusion objective (t ~ U(0, 1), loss weighted 1/t on the masked response
-tokens; see `evofast.pretrain`). DIR receives `model.safetensors` + `config.json`
+tokens; see `evofast.study.pretrain`). DIR receives `model.safetensors` + `config.json`
 (`LLaDAModelLM.from_pretrained` / `AutoModel` after `evofast.models.llada.register()`),
 the character tokenizer (`AutoTokenizer.from_pretrained(DIR)`), `evofast_task.json`
 (so `evofast eval --model DIR` knows the task) and `train_log.json`. With --eval-n > 0
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from . import pretrain
+    from .study import pretrain
     from .devices import pick_device
     from .tasks import parse_task
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"train-base: {log.steps} steps ({log.examples} examples) in {log.seconds:.0f} s, "
           f"final loss {log.final_loss:.4f}", file=sys.stderr)
     if args.eval_n > 0:
-        from .evaluate import evaluate
+        from .study.evaluate import evaluate
         res = evaluate(model, tok, task, n=args.eval_n, mode="hard", progress=not args.no_progress)
         log.config["eval"] = {k: res[k] for k in ("n", "correct", "accuracy", "ci95", "mode", "steps")}
         print(f"train-base: hard decoding, steps {res['steps']}: accuracy {res['accuracy']:.3f} "

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evofast import cli, pretrain, tasks
-from evofast.evaluate import evaluate, wilson_interval
+from evofast import cli, tasks
+from evofast.study import pretrain
+from evofast.study.evaluate import evaluate, wilson_interval
 
 MICRO = ["--d-model", "32", "--layers", "2", "--heads", "2", "--batch-size", "32", "--threads", "1"]
 RESULT_KEYS = {"task", "n", "correct", "accuracy", "ci95", "mode", "cache", "steps", "gen_length", "block_length",

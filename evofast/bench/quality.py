@@ -149,7 +149,7 @@ def _row(mode, alpha, cache, steps) -> dict:
 
 def score(model, tok, task, mode, alpha, cache, steps, args) -> dict:
     """One row: evaluate() on the fixed test set, or the reason it was skipped."""
-    from ..evaluate import evaluate
+    from ..study.evaluate import evaluate
     row = _row(mode, alpha, cache, steps)
     contention = _common.CpuContention()
     try:

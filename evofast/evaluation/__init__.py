@@ -6,7 +6,7 @@
     store.claim()                                        # refuses a directory of another run
     summaries = run_grid(model, tok, task, examples, configs, store, batch_size=32)
 
-`evofast eval` is this on the command line; `evofast.evaluate.evaluate` is the
+`evofast eval` is this on the command line; `evofast.study.evaluate.evaluate` is the
 in-memory single configuration of the synthetic quality study.
 """
 from .grid import EvalConfig, expand_grid

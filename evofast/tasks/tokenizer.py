@@ -22,7 +22,7 @@ def make_tokenizer():
     """A fresh `PreTrainedTokenizerFast` (vocab size len(CHARS) + 4, padding on the left).
 
     Pad = <eos>, as in LLaDA: a response is followed by <eos> up to the generation
-    length both in `evofast.pretrain` and in CTS batches (which right-pad with pad)."""
+    length both in `evofast.study.pretrain` and in CTS batches (which right-pad with pad)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
