@@ -206,12 +206,13 @@ def check_cached(cache, start: int, input_ids: Optional[Tensor], inputs_embeds: 
 
 def keep_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     """(B, L) with 1 = token, 0 = pad -> bool (B, L), True = a key that may be attended,
-    or None when nothing is padded (one host sync). A row without any real token keeps
-    all its keys (meaningless but finite outputs, never NaN)."""
+    or None when nothing is padded (one host sync; under torch.compile the mask is kept
+    instead: a data-dependent branch would break the graph). A row without any real token
+    keeps all its keys (meaningless but finite outputs, never NaN)."""
     if attention_mask is None:
         return None
     keep = attention_mask.bool()
-    if bool(keep.all()):
+    if not torch.compiler.is_compiling() and bool(keep.all()):
         return None
     return keep | ~keep.any(dim=-1, keepdim=True)
 
