@@ -282,7 +282,7 @@ def _best(rows: list, B: int, mode: str, cache: str) -> Optional[dict]:
 
 
 def targets(rows: list, shape: GenShape, device: torch.device) -> list:
-    """The issues' figures against their targets (issue 4: evofast vs the authors; issue 5: the cache)."""
+    """The project's targets for whole generations (evofast vs the authors' loop; the caches)."""
     out = []
 
     def goal(what, value, target, unit="x", below=False):
@@ -437,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
               + (f"; WARNING: disturbed timings: {', '.join(busy)}" if busy else ""))
     goals = targets(rows, shape, device)
     if goals:
-        print("\ntargets (issues 4 and 5):")
+        print("\ntargets:")
         for g in goals:
             rel = "<" if g.get("below") else ">="
             print(f"  {g['what']}: {g['value']:.2f} {g['unit']} (target {rel} {g['target']:g}) "
