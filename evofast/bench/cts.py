@@ -80,7 +80,7 @@ def build(shape: CTSShape, device: torch.device, seed: int = 0, fast_init: Optio
     import warnings
 
     from ..cts import CTSCollator
-    from ..cts.trainer import add_lora
+    from ..cts.lora import add_lora
     from ..models import llada
 
     warnings.filterwarnings("ignore", category=FutureWarning)

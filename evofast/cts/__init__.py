@@ -19,7 +19,10 @@ __all__ = ["CTSCollator", "cts_loss", "eager_cts_loss", "CTSTrainer", "train_cts
 
 
 def __getattr__(name):
-    if name in ("CTSTrainer", "train_cts"):
-        from . import trainer
-        return getattr(trainer, name)
+    if name == "CTSTrainer":
+        from .trainer import CTSTrainer
+        return CTSTrainer
+    if name == "train_cts":
+        from .train import train_cts
+        return train_cts
     raise AttributeError(f"module 'evofast.cts' has no attribute {name!r}")

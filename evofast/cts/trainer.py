@@ -14,12 +14,9 @@ FSDP and DeepSpeed are refused (they shard what the K forwards read).
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional, Sequence
-
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer
 
 from .collator import CTSCollator
 from .loss import base_model, cts_loss
@@ -92,103 +89,3 @@ class CTSTrainer(Trainer):
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad.div_(world)
-
-
-class _LossLog(TrainerCallback):
-    """Collects every logged training loss (and calls `on_loss(step, loss)`)."""
-
-    def __init__(self, on_loss: Optional[Callable[[int, float], None]] = None):
-        self.losses = []
-        self.on_loss = on_loss
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append((int(state.global_step), float(logs["loss"])))
-            if self.on_loss is not None:
-                self.on_loss(*self.losses[-1])
-
-
-def add_lora(model, r: int = 128, alpha: Optional[int] = None,
-             target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj"), dropout: float = 0.0):
-    """`model` wrapped by peft with LoRA on `target_modules` (the paper: r = 128 on q / k / v)."""
-    from peft import LoraConfig, get_peft_model
-
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"lora_r: expected a positive int, got {r!r}")
-    cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
-                     target_modules=list(target_modules))
-    return get_peft_model(model, cfg)
-
-
-def train_cts(model, tokenizer, examples, *, output_dir: Optional[str] = None, lora_r: Optional[int] = 128,
-              lora_alpha: Optional[int] = None, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj"),
-              mask_id: Optional[int] = None, pad_id: Optional[int] = None, K: int = 4,
-              per_de_nums: Sequence[int] = (1, 2, 4, 8), block_sizes: Sequence[int] = (512,),
-              max_length: Optional[int] = None, extra_pad_prob: float = 0.5, k_soft: int = 3,
-              epochs: float = 1.0, max_steps: int = -1,
-              batch_size: int = 1, grad_accum: int = 1, lr: float = 1e-5, weight_decay: float = 0.0,
-              bf16: bool = False, gradient_checkpointing: bool = False,
-              seed: int = 0, logging_steps: int = 1, merge: bool = True, progress: bool = True,
-              on_loss: Optional[Callable[[int, float], None]] = None, **training_kwargs):
-    """Train `model` with CTS on `examples` (dicts of `input_ids`, `prompt_length`; see
-    `evofast.cts.encode_examples`) and return `(model, losses)`.
-
-    `lora_r=None` trains every parameter; otherwise LoRA (peft) on `target_modules`.
-    With `output_dir` the result is saved there with `save_pretrained` (LoRA merged
-    into the weights when `merge`, else the adapter alone), with the tokenizer when
-    it has `save_pretrained`. `losses` is the list of `(global_step, loss)` logged.
-    Other keyword arguments go to `TrainingArguments`.
-    """
-    import tempfile
-
-    cfg = getattr(model, "config", None)
-    mask_id = mask_id if mask_id is not None else getattr(cfg, "mask_token_id", None)
-    if mask_id is None:
-        mask_id = getattr(tokenizer, "mask_token_id", None)
-    if pad_id is None:
-        pad_id = next((v for v in (getattr(tokenizer, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
-                                   getattr(tokenizer, "eos_token_id", None)) if v is not None), None)
-    if mask_id is None or pad_id is None:
-        raise ValueError("mask_id / pad_id: neither the model config nor the tokenizer names them; pass them")
-    if not examples:
-        raise ValueError("examples: nothing to train on")
-    from ..models.registry import patch
-    patch(model, mask_id=int(mask_id))     # fails early (TypeError) for models CTS cannot train
-    collator = CTSCollator(int(mask_id), int(pad_id), K=K, per_de_nums=per_de_nums, block_sizes=block_sizes,
-                           generator=torch.Generator().manual_seed(seed), max_length=max_length,
-                           extra_pad_prob=extra_pad_prob)
-    trained = model if lora_r is None else add_lora(model, lora_r, lora_alpha, target_modules)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    scratch = None
-    if output_dir is None:
-        scratch = tempfile.TemporaryDirectory(prefix="evofast-cts-")
-    args = TrainingArguments(
-        output_dir=output_dir if output_dir is not None else scratch.name, num_train_epochs=epochs,
-        max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        learning_rate=lr, weight_decay=weight_decay, bf16=bf16,
-        logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        disable_tqdm=not progress, remove_unused_columns=False,
-        use_cpu=next(model.parameters()).device.type == "cpu",   # train where the model is
-        **training_kwargs)
-    log = _LossLog(on_loss)
-    trainer = CTSTrainer(model=trained, args=args, train_dataset=list(examples), data_collator=collator,
-                         callbacks=[log], k_soft=k_soft)
-    try:
-        trainer.train()
-        if collator.dropped:
-            print(f"evofast train-cts: {collator.dropped} unusable examples dropped (no response token or "
-                  f"longer than max_length)")
-        result = trained
-        if lora_r is not None and merge:
-            result = trained.merge_and_unload()
-        if output_dir is not None and trainer.is_world_process_zero():
-            result.save_pretrained(output_dir)
-            if hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(output_dir)
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-    if not all(math.isfinite(v) for _, v in log.losses):
-        raise FloatingPointError(f"CTS training diverged: logged losses {log.losses}")
-    return result, log.losses
