@@ -280,3 +280,16 @@ def test_encode_example_rejects_a_blank_response():
     from evofast.models.tiny_tokenizer import CharTokenizer
     with pytest.raises(ValueError, match="response"):
         encode_example(CharTokenizer(), "What?", "  ")
+
+
+def test_cli_resume_continues_from_the_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = TINY[:2] + ["--lora-r", "4", "--block-sizes", "16", "--no-progress", "--out", str(out)]
+    assert cli_train_cts.main(base + ["--steps", "2", "--save-steps", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-1", "checkpoint-2"]
+    capsys.readouterr()
+    assert cli_train_cts.main(base + ["--steps", "3", "--save-steps", "1", "--resume"]) == 0
+    steps = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [s.split(":")[0] for s in steps] == ["step 3"]                  # steps 1-2 are not run again
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-3"]  # limit 2
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()

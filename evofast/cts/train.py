@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .collator import CTSCollator
@@ -105,6 +105,7 @@ def train_cts(model, tokenizer, examples, *, output_dir=None, overwrite: bool = 
         log(f"{sum(why.values())} of {len(examples)} examples cannot be trained on and are left out ({parts})")
     if not usable:
         raise ValueError("examples: none can be trained on")
+    set_seed(seed)                         # peft draws LoRA's initial A from the global RNG: same seed, same run
     trained = model if lora_r is None else add_lora(model, lora_r, lora_alpha, target_modules)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
