@@ -293,3 +293,30 @@ def test_cli_resume_continues_from_the_last_checkpoint(tmp_path, capsys):
     assert [s.split(":")[0] for s in steps] == ["step 3"]                  # steps 1-2 are not run again
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-3"]  # limit 2
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["bert", "modernbert", "qwen2"])
+def test_cli_trains_bert_like_and_qwen2_checkpoints(tmp_path, capsys, kind):
+    """train-cts on a BERT / ModernBERT / Qwen2 checkpoint: the mask id comes from the tokenizer, LoRA
+    goes on the model's own attention projections, the merged model and tokenizer are saved."""
+    import transformers as T
+    from test_cli_generate import _save_char_tokenizer
+    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=128)
+    model = {"bert": lambda: T.BertForMaskedLM(T.BertConfig(**common)),
+             "modernbert": lambda: T.ModernBertForMaskedLM(T.ModernBertConfig(
+                 pad_token_id=98, bos_token_id=97, eos_token_id=98, cls_token_id=97, sep_token_id=98, **common)),
+             "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, **common))}[kind]()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    _save_char_tokenizer(src)
+    out = tmp_path / "out"
+    assert cli_train_cts.main(["--model", str(src), "--data", str(_data(tmp_path)), "--steps", "2", "--lora-r", "2",
+                               "--block-sizes", "16", "--no-progress", "--out", str(out), "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    saved = type(model).from_pretrained(out)
+    assert not any("lora" in n for n, _ in saved.named_parameters()) and (out / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert cli_train_cts.main(["--model", str(src), "--data", str(_data(tmp_path)), "--steps", "1",
+                               "--lora-targets", "nope", "--no-progress", "--device", "cpu"]) == 2
+    assert "no linear layer named nope" in capsys.readouterr().err
