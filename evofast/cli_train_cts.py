@@ -4,7 +4,8 @@
         [--save-steps N [--save-total-limit N]] [--resume]
         [--steps N | --epochs E] [--batch-size B] [--grad-accum G] [--lr LR]
         [--lora-r R [--lora-targets NAME ...] | --full] [--K 4] [--per-de-nums 1 2 4 8]
-        [--block-sizes 512] [--max-length N] [--k-soft 3] [--bf16] [--gradient-checkpointing]
+        [--block-sizes 512] [--max-length N] [--k-soft 3] [--bf16] [--dtype float32|bfloat16]
+        [--gradient-checkpointing]
         [--no-merge] [--no-chat-template] [--trust-remote-code] [--seed S]
 
 FILE.jsonl holds one `{"prompt": ..., "response": ...}` object per line; the
@@ -26,12 +27,17 @@ into DIR every N optimizer steps; `--resume` continues the run from DIR's last
 checkpoint with the same data order and noise draws (pass the same options), so it
 ends where the uninterrupted run would have.
 
-Launch on several processes with torchrun (DDP, FSDP) or accelerate launch
---config_file (DDP, FSDP, DeepSpeed ZeRO); see the README for the configs.
+Launch on several processes with torchrun (DDP) or `accelerate launch --config_file
+CONFIG -m evofast.cli train-cts ...` (DDP, FSDP2, DeepSpeed ZeRO 1-3 with CPU offload;
+evofast's configs are in configs/accelerate/ of the repository). Under a launcher
+every process loads the model on the CPU and the launcher places or shards it, and
+the gradient accumulation, mixed precision and clipping of the accelerate config are
+used (a conflicting --grad-accum / --bf16 is an error before anything is loaded).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli import keeps_torch_threads
@@ -59,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=-1, metavar="N", help="optimizer steps (default: --epochs)")
     parser.add_argument("--epochs", type=float, default=1.0, metavar="E", help="passes over the data (1)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="examples per device and micro-step")
-    parser.add_argument("--grad-accum", type=int, default=1, metavar="G", help="micro-steps per optimizer step")
+    parser.add_argument("--grad-accum", type=int, default=None, metavar="G",
+                        help="micro-steps per optimizer step (default: the accelerate config's, else 1)")
     parser.add_argument("--lr", type=float, default=1e-5, metavar="LR", help="learning rate (1e-5)")
     parser.add_argument("--lora-r", type=int, default=128, metavar="R", help="LoRA rank (128, the paper's)")
     parser.add_argument("--lora-alpha", type=int, default=None, metavar="A", help="LoRA alpha (default 2 r)")
@@ -78,7 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability of the collator's extra supervised pads (spec QUIRK: 0.5; 0 when the "
                              "data is already padded to the generation length)")
     parser.add_argument("--k-soft", type=int, default=3, metavar="K", help="top-k of a soft token (3)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 mixed precision (on by itself when the accelerate config says bf16)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype the weights are loaded in (float32; bfloat16 as the paper's 8B LoRA runs)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--no-merge", action="store_true", help="--out saves the LoRA adapter alone")
     parser.add_argument("--no-chat-template", action="store_true", help="never apply the chat template")
@@ -102,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"evofast train-cts: error: {msg}", file=sys.stderr)
         return 2
 
+    try:
+        launcher = _launcher_settings(args)
+    except ValueError as e:
+        return err(str(e))
     for name in ("steps", "batch_size", "grad_accum", "K", "k_soft", "save_total_limit"):
         v = getattr(args, name)
         if v < 1 and not (name == "steps" and v == -1):     # --steps -1: train by --epochs
@@ -127,14 +141,19 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
     except (RuntimeError, SystemExit) as e:
         return err(f"--device {args.device}: {e}")
+    # several processes: each loads on the CPU, the launcher moves (DDP) or shards (FSDP, ZeRO) the model
+    load_on = torch.device("cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else device
+    main_process = os.environ.get("RANK", "0") == "0"          # the one that reports
+    dtype = getattr(torch, args.dtype)
     try:
         if args.model == "tiny":
-            print(TINY_NOTE, file=sys.stderr)
+            if main_process:
+                print(TINY_NOTE, file=sys.stderr)
             if device.type == "cpu":
                 torch.set_num_threads(1)   # tiny matrices: more threads only add synchronisation (see load_tiny)
-            model, tok = load_tiny(device, torch.float32)
+            model, tok = load_tiny(load_on, dtype)
         else:
-            model, tok = load_checkpoint(args.model, device, torch.float32, args.trust_remote_code)
+            model, tok = load_checkpoint(args.model, load_on, dtype, args.trust_remote_code)
     except (OSError, ValueError, TypeError, ImportError) as e:
         return err(f"cannot load {args.model!r}: {e}")
     examples = encode_examples(tok, records, chat=not args.no_chat_template)
@@ -156,9 +175,12 @@ def run(args: argparse.Namespace) -> int:
             k_soft=args.k_soft, epochs=args.epochs,
             max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
             bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-            merge=not args.no_merge, progress=not args.no_progress, on_loss=show)
+            merge=not args.no_merge, progress=not args.no_progress, on_loss=show,
+            use_cpu=device.type == "cpu", **launcher)
     except (ValueError, TypeError) as e:
         return err(str(e))
+    if not main_process:
+        return 0
     if losses:
         print(f"{len(losses)} steps logged, loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}", file=sys.stderr)
     if args.out:
@@ -167,6 +189,33 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("no model saved (pass --out DIR to keep it)", file=sys.stderr)
     return 0
+
+
+def _launcher_settings(args: argparse.Namespace) -> dict:
+    """Adopt what `accelerate launch --config_file` fixes (it exports them to the processes):
+    gradient accumulation (into args.grad_accum), mixed precision (args.bf16, or fp16) and
+    gradient clipping; extra TrainingArguments as a dict. ValueError on a conflict."""
+    env = os.environ
+    extra = {}
+    ga = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if ga and ga != "auto":
+        if args.grad_accum is not None and args.grad_accum != int(ga):
+            raise ValueError(f"--grad-accum {args.grad_accum}: the accelerate config sets gradient_accumulation_steps "
+                             f"{ga}; drop --grad-accum or make them agree")
+        args.grad_accum = int(ga)
+    if args.grad_accum is None:
+        args.grad_accum = 1
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "bf16":
+        args.bf16 = True
+    elif precision == "fp16":
+        if args.bf16:
+            raise ValueError("--bf16: the accelerate config sets mixed_precision fp16; drop --bf16 or change the config")
+        extra["fp16"] = True
+    clip = env.get("ACCELERATE_GRADIENT_CLIPPING", "").lower()
+    if clip not in ("", "none", "auto"):
+        extra["max_grad_norm"] = float(clip)
+    return extra
 
 
 def main(argv=None) -> int:

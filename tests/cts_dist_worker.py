@@ -49,7 +49,7 @@ def model_and_batches(mode):
     return model, col, batches
 
 
-REDUCTIONS = {}
+REDUCTIONS, SAVED = {}, {}
 
 
 def count_reductions():
@@ -75,6 +75,26 @@ def full_grads(model):
     return out
 
 
+def saved_weights_are_whole(wrapped, model, mode, accelerator, tmp) -> bool:
+    """evofast's final save of a sharded model: the gathered state dict, saved on rank 0 and loaded
+    back, holds the model's (untrained) weights whole."""
+    from safetensors.torch import load_file
+
+    from evofast.cts import distributed
+    state = distributed.full_state_dict(wrapped, accelerator)
+    if dist.get_rank() != 0:
+        return True
+    fresh, _, _ = model_and_batches(mode)
+    model.save_pretrained(tmp + "/saved", state_dict=state)
+    if mode == "lora":
+        from peft import get_peft_model_state_dict
+        want = get_peft_model_state_dict(fresh)
+        got = load_file(tmp + "/saved/adapter_model.safetensors")
+    else:
+        want, got = fresh.state_dict(), load_file(tmp + "/saved/model.safetensors")
+    return want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def run_direct(wrapper, mode, tmp):
     """training_step called directly on a wrapped model (what the Trainer's loop does per micro-batch)."""
     model, col, batches = model_and_batches(mode)
@@ -98,6 +118,7 @@ def run_direct(wrapper, mode, tmp):
         loss = trainer.training_step(wrapped, batches[dist.get_rank()])
         if calls is not None:
             REDUCTIONS[f"{wrapper}:{mode}"], calls["on"] = calls["n"], False
+            SAVED[f"{wrapper}:{mode}"] = saved_weights_are_whole(wrapped, model, mode, trainer.accelerator, tmp)
         dist.all_reduce(loss)
         loss = loss / world
     else:                                           # the Trainer's accumulation: no sync, then sync
@@ -126,11 +147,13 @@ def run_deepspeed(mode, tmp):
     # no reuse, no prefetch), so the loss's own reads of the embedding and the head must fetch them
     ds = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": offload},
                                 "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
-                                "stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0},
+                                "stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0,
+                                "stage3_gather_16bit_weights_on_model_save": True},
           "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
           "gradient_clipping": "auto", "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
     args = TrainingArguments(output_dir=tmp, use_cpu=True, ddp_backend="gloo", report_to=[], deepspeed=ds,
                              per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=1,
+                             learning_rate=0.0,                  # the saved weights are the initial ones
                              max_grad_norm=0.0, save_strategy="no", disable_tqdm=True, logging_steps=1)
     seen = {}
     real_step = DeepSpeedEngine.step
@@ -148,6 +171,9 @@ def run_deepspeed(mode, tmp):
             return losses[-1]
     trainer = Record(model=model, args=args, data_collator=lambda items: items[0], train_dataset=batches)
     trainer.train()
+    if stage == 3:
+        SAVED[f"deepspeed:{mode}"] = saved_weights_are_whole(trainer.model_wrapped, trainer.model, mode,
+                                                             trainer.accelerator, tmp)
     loss = losses[0]
     dist.all_reduce(loss)
     return loss / dist.get_world_size(), seen["grads"]
@@ -163,7 +189,7 @@ def run(case: str):
 def main():
     out, cases = sys.argv[1], sys.argv[2].split(",")
     results = {case: run(case) for case in cases}
-    results["reductions"] = REDUCTIONS
+    results["reductions"], results["saved"] = REDUCTIONS, SAVED
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(results, f"{out}.{rank}.pt")
 

@@ -55,12 +55,14 @@ def _assert_matches(ref, got, case):
 
 def test_fsdp2_and_ddp_two_processes_match_one_process(tmp_path, reference):
     """Also: FSDP2 reduces the gradients once per micro-batch (one reduction per FSDP unit with
-    trainable weights: the 2 blocks, plus the root in full fine-tuning), not once per step."""
+    trainable weights: the 2 blocks, plus the root in full fine-tuning), not once per step; and
+    the final save gathers the sharded weights whole."""
     cases = ["fsdp2:lora", "fsdp2:full", "ddp:full"]
     for rank_result in _launch(tmp_path, cases):
         for case in cases:
             _assert_matches(reference[case.split(":")[1]], rank_result[case], case)
         assert rank_result["reductions"] == {"fsdp2:lora": 2, "fsdp2:full": 3}
+        assert rank_result["saved"] == {"fsdp2:lora": True, "fsdp2:full": True}   # the gathered final save
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -72,6 +74,8 @@ def test_deepspeed_zero_cpu_offload_two_processes_match_one_process(tmp_path, re
     results = _launch(tmp_path, cases, DS_ACCELERATOR="cpu", ZERO_STAGE=str(stage), ZERO_OFFLOAD="cpu")
     for case in cases:
         _assert_matches(reference[case.split(":")[1]], results[0][case], f"ZeRO-{stage} {case}")
+    if stage == 3:                                                 # the gathered final save
+        assert results[0]["saved"] == {"deepspeed:lora": True, "deepspeed:full": True}
 
 
 # --------------------------------------------------------------------------- refused before the first step
@@ -102,3 +106,59 @@ def test_a_model_partitioned_at_load_is_refused_before_patching():
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="zero3_init_flag: false"):
         CTSTrainer(model=model, args=args)
+
+
+def test_saves_that_cannot_work_are_refused_before_training():
+    from evofast.cts import distributed
+
+    def trainer(fsdp=False, stage=0, gather=False):
+        zero = {"stage3_gather_16bit_weights_on_model_save": gather}
+        plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"zero_optimization": zero})
+        return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=stage > 0,
+                               accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+    for sharded in (trainer(fsdp=True), trainer(stage=3, gather=True)):
+        with pytest.raises(ValueError, match="--no-merge"):
+            distributed.check_save(sharded, merge_lora=True)
+        distributed.check_save(sharded, merge_lora=False)
+    with pytest.raises(ValueError, match="zero3_save_16bit_model: true"):
+        distributed.check_save(trainer(stage=3), merge_lora=False)
+    distributed.check_save(trainer(stage=2), merge_lora=True)          # ZeRO-2 keeps whole weights
+
+
+def test_cli_takes_the_launchers_settings_and_refuses_conflicts(monkeypatch, capsys):
+    from evofast import cli_train_cts
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "0.5")
+    args = SimpleNamespace(grad_accum=None, bf16=False)
+    assert cli_train_cts._launcher_settings(args) == {"max_grad_norm": 0.5}
+    assert args.grad_accum == 4 and args.bf16
+    assert cli_train_cts.main(["--model", "tiny", "--grad-accum", "2"]) == 2      # before anything loads
+    assert "gradient_accumulation_steps 4" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert cli_train_cts.main(["--model", "tiny", "--bf16"]) == 2
+    assert "mixed_precision fp16" in capsys.readouterr().err
+
+
+LAUNCH = os.environ.get("EVOFAST_TEST_ACCELERATE_LAUNCH")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LAUNCH, reason="EVOFAST_TEST_ACCELERATE_LAUNCH is not set (DeepSpeed compiles its CPU "
+                                       "ops on first use: minutes)")
+@pytest.mark.parametrize("config,extra", [("zero2_offload_bf16", []), ("zero3_offload_bf16", ["--full"])])
+def test_cli_under_accelerate_launch_with_the_repos_deepspeed_configs(tmp_path, config, extra):
+    """`accelerate launch --config_file configs/accelerate/CONFIG.yaml -m evofast.cli train-cts`, 2
+    processes, DeepSpeed's CPU accelerator, bf16: trains, checkpoints and saves a model that loads."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", "2", "-m", "evofast.cli",
+           "train-cts", "--model", "tiny", "--steps", "2", "--lora-r", "4", "--block-sizes", "16",
+           "--batch-size", "2", "--no-progress", "--save-steps", "1", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("saved to") == 1 and (out / "checkpoint-2").is_dir()
+    from evofast.models import llada
+    assert llada.LLaDAModelLM.from_pretrained(out).config.vocab_size == 100

@@ -106,3 +106,40 @@ def check_setup(trainer) -> None:
         raise ValueError("parallelism_config: tensor, context or sequence parallelism split what one CTS step "
                          "reads (whole sequences, the whole vocabulary); use data parallelism (DDP, FSDP2, "
                          "DeepSpeed ZeRO) only")
+
+
+def _zero_stage(trainer) -> int:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return int(getattr(plugin, "zero_stage", 0) or 0) if getattr(trainer, "is_deepspeed_enabled", False) else 0
+
+
+def shards_weights(trainer) -> bool:
+    """Whether the weights are split over the processes during training (FSDP, ZeRO-3)."""
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) or _zero_stage(trainer) == 3
+
+
+def check_save(trainer, *, merge_lora: bool) -> None:
+    """ValueError, before training, when the final model could not be saved as asked."""
+    if merge_lora and shards_weights(trainer):
+        raise ValueError("merge: LoRA cannot be merged into weights that FSDP / ZeRO-3 shard over the processes; "
+                         "save the adapter alone (merge=False, --no-merge) and merge it when loading "
+                         "(evofast generate --lora, or peft's merge_and_unload)")
+    if _zero_stage(trainer) == 3:
+        zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            raise ValueError("ZeRO-3 saves no model unless it gathers the weights: set zero3_save_16bit_model: "
+                             "true in the accelerate config (stage3_gather_16bit_weights_on_model_save in a "
+                             "DeepSpeed config file)")
+
+
+def full_state_dict(model: nn.Module, accelerator):
+    """The whole state dict of a sharded model on the main process (every process must call this):
+    FSDP2 through torch's distributed state-dict API, ZeRO-3 through accelerate (16-bit weights
+    gathered). None when the model is not sharded (its own state dict is whole)."""
+    if _is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    engine = deepspeed_engine(model)
+    if engine is not None and engine.zero_optimization_stage() == 3:
+        return accelerator.get_state_dict(engine)
+    return None

@@ -160,8 +160,9 @@ def progress_bars(enabled: bool):
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
-def save_model(model, tokenizer, out, *, source_dir=None, progress: bool = True) -> Path:
-    """`model.save_pretrained`, the tokenizer and the source model's task file, published into `out`."""
+def save_model(model, tokenizer, out, *, source_dir=None, progress: bool = True, state_dict=None) -> Path:
+    """`model.save_pretrained` (of `state_dict` when given: a sharded model's gathered weights), the
+    tokenizer and the source model's task file, published into `out`."""
     from ..tasks import TASK_FILE
 
     tok = savable_tokenizer(tokenizer)
@@ -172,7 +173,7 @@ def save_model(model, tokenizer, out, *, source_dir=None, progress: bool = True)
 
     def write(tmp: Path) -> None:
         with progress_bars(progress):
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         tok.save_pretrained(tmp)
         if task is not None and task.is_file():
             shutil.copyfile(task, tmp / TASK_FILE)

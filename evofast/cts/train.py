@@ -18,9 +18,10 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from . import distributed
 from .collator import CTSCollator
 from .lora import add_lora
-from .output import check_output_dir, checkpoints, clear_checkpoints, last_checkpoint, save_model
+from .output import check_output_dir, checkpoints, clear_checkpoints, last_checkpoint, progress_bars, save_model
 from .trainer import CTSTrainer
 
 
@@ -115,14 +116,14 @@ def train_cts(model, tokenizer, examples, *, output_dir=None, overwrite: bool = 
     scratch = None if keep_checkpoints else tempfile.TemporaryDirectory(prefix="evofast-cts-")
     save_kw = dict(save_strategy="steps", save_steps=save_steps or 500, save_total_limit=save_total_limit) \
         if keep_checkpoints else dict(save_strategy="no")
+    use_cpu = training_kwargs.pop("use_cpu", next(model.parameters()).device.type == "cpu")  # where the model is
     args = TrainingArguments(
         output_dir=str(out) if keep_checkpoints else scratch.name, num_train_epochs=epochs,
         max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         learning_rate=lr, weight_decay=weight_decay, bf16=bf16,
         logging_steps=logging_steps, report_to=[], seed=seed, data_seed=seed,
         disable_tqdm=not progress, remove_unused_columns=False,
-        use_cpu=next(model.parameters()).device.type == "cpu",   # train where the model is
-        **save_kw, **training_kwargs)
+        use_cpu=use_cpu, **save_kw, **training_kwargs)
     losses = _LossLog(on_loss)
     try:
         trainer = CTSTrainer(model=trained, args=args, train_dataset=usable, data_collator=collator,
@@ -130,14 +131,18 @@ def train_cts(model, tokenizer, examples, *, output_dir=None, overwrite: bool = 
         trainer.remove_callback(PrinterCallback)            # the loss is shown once, by on_loss / the bar
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(_QuietProgress())
+        if out is not None:
+            distributed.check_save(trainer, merge_lora=lora_r is not None and merge)
         if overwrite and out is not None and trainer.is_world_process_zero():
             clear_checkpoints(out)
-        trainer.train(resume_from_checkpoint=str(last_checkpoint(out)) if resume else None)
+        with progress_bars(progress):                   # transformers' own bars (checkpoint shards) too
+            trainer.train(resume_from_checkpoint=str(last_checkpoint(out)) if resume else None)
+        state = distributed.full_state_dict(trainer.model_wrapped, trainer.accelerator) if out is not None else None
         result = trained
-        if lora_r is not None and merge:
+        if lora_r is not None and merge and state is None:
             result = trained.merge_and_unload()
         if out is not None and trainer.is_world_process_zero():
-            save_model(result, tokenizer, out, source_dir=source_dir, progress=progress)
+            save_model(result, tokenizer, out, source_dir=source_dir, progress=progress, state_dict=state)
     except BaseException:
         if created and out.exists() and not checkpoints(out):   # nothing worth keeping: leave no trace
             shutil.rmtree(out, ignore_errors=True)
