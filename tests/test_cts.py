@@ -328,3 +328,20 @@ def test_adapter_hidden_states_and_output_head_give_the_forward_logits(which):
         h = ad.hidden_states(input_ids=ids, attention_mask=am)
         w, b, scale = ad.output_head()
         torch.testing.assert_close(F.linear(h, w, b) * scale, ad.forward(input_ids=ids, attention_mask=am))
+
+
+def test_bench_cts_per_layer_activations_and_the_8b_table():
+    """The per-layer activation figure scales with the tokens of a step, and the per-GPU table of an
+    8B step is built from it (8.0 B parameters, LoRA r 128 on q / k / v: 101 M)."""
+    import dataclasses
+
+    from evofast.bench import cts as bench_cts
+    small = dataclasses.replace(bench_cts.SHAPES["llada-8b-layers"], d_model=64, n_heads=4, mlp=192, seq=32,
+                                lora_r=4)
+    one = bench_cts.layer_activation_bytes(small)
+    two = bench_cts.layer_activation_bytes(dataclasses.replace(small, batch=2 * small.batch))
+    assert one > 10 * small.batch * small.seq * small.d_model * 4 and abs(two / one - 2) < 0.1
+    table = bench_cts.per_gpu_needs(548 * 2**20)
+    assert round(table["parameters"] / 1e9, 2) == 8.02 and round(table["lora_parameters"] / 1e6) == 101
+    for row in table["rows"]:
+        assert row["total_evofast, checkpointing_gb"] < row["total_evofast_gb"] < row["total_eager_gb"]
