@@ -5,7 +5,7 @@
         [--steps N | --epochs E] [--batch-size B] [--grad-accum G] [--lr LR]
         [--lora-r R [--lora-targets NAME ...] | --full] [--K 4] [--per-de-nums 1 2 4 8]
         [--block-sizes 512] [--max-length N] [--k-soft 3] [--bf16] [--dtype float32|bfloat16]
-        [--gradient-checkpointing]
+        [--gradient-checkpointing] [--fsdp]
         [--no-merge] [--no-chat-template] [--trust-remote-code] [--seed S]
 
 FILE.jsonl holds one `{"prompt": ..., "response": ...}` object per line; the
@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype the weights are loaded in (float32; bfloat16 as the paper's 8B LoRA runs)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="FSDP2 under torchrun (every block sharded, then the model; GPUs only): without an "
+                             "accelerate config")
     parser.add_argument("--no-merge", action="store_true", help="--out saves the LoRA adapter alone")
     parser.add_argument("--no-chat-template", action="store_true", help="never apply the chat template")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -176,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
             bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
             merge=not args.no_merge, progress=not args.no_progress, on_loss=show,
-            use_cpu=device.type == "cpu", **launcher)
+            use_cpu=device.type == "cpu", **launcher, **({"fsdp": True} if args.fsdp else {}))
     except (ValueError, TypeError) as e:
         return err(str(e))
     if not main_process:

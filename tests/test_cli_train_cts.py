@@ -320,3 +320,10 @@ def test_cli_trains_bert_like_and_qwen2_checkpoints(tmp_path, capsys, kind):
     assert cli_train_cts.main(["--model", str(src), "--data", str(_data(tmp_path)), "--steps", "1",
                                "--lora-targets", "nope", "--no-progress", "--device", "cpu"]) == 2
     assert "no linear layer named nope" in capsys.readouterr().err
+
+
+def test_cli_fsdp_without_gpus_is_a_clear_error(tmp_path, capsys):
+    """FSDP needs several processes (transformers says so) on GPUs (accelerate turns FSDP on for GPUs
+    only: under torchrun on CPUs train-cts says so instead of training unsharded); no output is left."""
+    assert cli_train_cts.main(TINY + ["--fsdp", "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    assert "fsdp only works in distributed training" in capsys.readouterr().err and not (tmp_path / "o").exists()

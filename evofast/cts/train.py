@@ -131,6 +131,9 @@ def train_cts(model, tokenizer, examples, *, output_dir=None, overwrite: bool = 
         trainer.remove_callback(PrinterCallback)            # the loss is shown once, by on_loss / the bar
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(_QuietProgress())
+        if args.fsdp and not trainer.is_fsdp_enabled:
+            raise ValueError("fsdp: FSDP is not on: accelerate enables it on GPUs only (launch with torchrun or "
+                             "accelerate launch on GPUs, or train without fsdp)")
         if out is not None:
             distributed.check_save(trainer, merge_lora=lora_r is not None and merge)
         if overwrite and out is not None and trainer.is_world_process_zero():
