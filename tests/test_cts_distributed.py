@@ -65,6 +65,7 @@ def test_fsdp2_and_ddp_two_processes_match_one_process(tmp_path, reference):
         assert rank_result["saved"] == {"fsdp2:lora": True, "fsdp2:full": True}   # the gathered final save
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_cpu_offload_two_processes_match_one_process(tmp_path, reference, stage):
     """ZeRO-2 / ZeRO-3, optimizer offloaded to the CPU; ZeRO-3 with every weight partitioned and
