@@ -83,12 +83,12 @@ class Adapter:
                       attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
         """The LM head's input `(B, L, d)` (final-norm output), same arguments as `forward`."""
         raise TypeError(f"evofast's {self.name} adapter cannot give hidden states before the LM head: "
-                        "CTS training (evofast.cts) needs them; use evofast.models.llada or LLaDA's remote code")
+                        "CTS training (evofast.cts) needs them")
 
     def output_head(self) -> tuple:
         """`(weight (V, d), bias (V,) or None, scale)`: logits = scale * (hidden @ weight.T + bias)."""
         raise TypeError(f"evofast's {self.name} adapter does not expose its output embedding: "
-                        "CTS training (evofast.cts) needs it; use evofast.models.llada or LLaDA's remote code")
+                        "CTS training (evofast.cts) needs it")
 
     # -- KV cache (evofast.cache.BlockKVCache) ------------------------------------
     #: the `generate(cache=...)` kinds this adapter can run ("prefix", "dual"); () = none

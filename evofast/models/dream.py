@@ -31,6 +31,10 @@ decoded). Default: true for Dream's class, false for Qwen2, so a
 Qwen2 model trained as a plain masked diffusion LM reads row i at row i). Set
 ``evofast.get_adapter(model).shift_logits`` to override.
 
+CTS training (`evofast.cts`): `hidden_states` gives the final hidden states
+realigned the same way (row i holds what row i's logits are computed from) and
+`output_head` the `lm_head` weight and bias.
+
 Not supported (TypeError at `patch`): sliding-window layers, and attention
 implementations that cannot take a 4-D float mask (only "eager" and "sdpa" can).
 
@@ -147,16 +151,31 @@ class DreamAdapter(HFAdapter):
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 logits_from: int = 0) -> Tensor:
         B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
+        return self.model.lm_head(self._hidden(B, L, input_ids, inputs_embeds, attention_mask, position_ids,
+                                               logits_from))
+
+    def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+        """The LM head's input per row, realigned like the logits (`shift_logits`): row i holds the
+        hidden state whose logits `forward` gives at row i."""
+        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, 0, self.max_length)
+        return self._hidden(B, L, input_ids, inputs_embeds, attention_mask, position_ids, 0)
+
+    def output_head(self) -> tuple:
+        head = self.model.lm_head
+        return head.weight, head.bias, 1.0
+
+    def _hidden(self, B: int, L: int, input_ids, inputs_embeds, attention_mask, position_ids,
+                logits_from: int) -> Tensor:
+        """Rows [logits_from, L) of the final hidden states, realigned when `shift_logits`."""
         keep, bias, positions = self._masks(B, L, input_ids, inputs_embeds, attention_mask, position_ids)
         out = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
                                position_ids=positions, use_cache=False, output_attentions=False,
                                output_hidden_states=False, return_dict=True)
         hidden = out[0]
         if self.shift_logits:
-            hidden = self._shift(hidden, keep, logits_from)
-        else:
-            hidden = hidden[:, logits_from:]
-        return self.model.lm_head(hidden)
+            return self._shift(hidden, keep, logits_from)
+        return hidden[:, logits_from:]
 
     @property
     def cache_lead(self) -> int:

@@ -19,6 +19,11 @@ usually do not: the mask id lives in the tokenizer, e.g. 103 for bert-base,
 50264 for roberta-base, 50284 for ModernBERT-base), else `patch(model, mask_id=...)`.
 A config with `is_decoder=True` (causal self-attention) is refused.
 
+CTS training (`evofast.cts`) reads the head split in two: `hidden_states` is the
+encoder's output through the head's transform (dense, activation, norm), and
+`output_head` the vocabulary projection (`decoder`: weight and bias), so the fused
+cross-entropy never builds the logits of every row.
+
 KV cache: BERT and RoBERTa self-attention hand their keys and values to
 `past_key_values.update`, so `forward_cached` passes an `evofast.cache`
 positional `transformers.Cache` (the window replaces its positions, the queries
@@ -73,11 +78,17 @@ class _MaskedLMAdapter(HFAdapter):
         return positions
 
     def head(self, hidden: Tensor) -> Tensor:
+        """The MLM head: logits of the encoder's output rows."""
         raise NotImplementedError
 
-    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                logits_from: int = 0) -> Tensor:
+    def transform(self, hidden: Tensor) -> Tensor:
+        """The MLM head up to its vocabulary projection (`decoder`): `head = decoder(transform(.))`."""
+        raise NotImplementedError
+
+    def decoder(self) -> nn.Linear:
+        raise NotImplementedError
+
+    def _encode(self, input_ids, inputs_embeds, attention_mask, position_ids, logits_from: int) -> Tensor:
         B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
         ref = input_ids if input_ids is not None else inputs_embeds
         keep = keep_mask(attention_mask)
@@ -85,7 +96,21 @@ class _MaskedLMAdapter(HFAdapter):
         positions = positions.expand(B, L)
         out = self.body(input_ids=input_ids, inputs_embeds=inputs_embeds,
                         attention_mask=None if keep is None else keep.long(), position_ids=positions)
-        return self.head(out[0][:, logits_from:])
+        return out[0]
+
+    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                logits_from: int = 0) -> Tensor:
+        hidden = self._encode(input_ids, inputs_embeds, attention_mask, position_ids, logits_from)
+        return self.head(hidden[:, logits_from:])
+
+    def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+        return self.transform(self._encode(input_ids, inputs_embeds, attention_mask, position_ids, 0))
+
+    def output_head(self) -> tuple:
+        dec = self.decoder()
+        return dec.weight, dec.bias, 1.0
 
     def cache_layout(self):
         if not self.cache_kinds:
@@ -123,6 +148,12 @@ class BertMLMAdapter(_MaskedLMAdapter):
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.cls(hidden)
 
+    def transform(self, hidden: Tensor) -> Tensor:
+        return self.model.cls.predictions.transform(hidden)
+
+    def decoder(self) -> nn.Linear:
+        return self.model.cls.predictions.decoder
+
 
 class RobertaMLMAdapter(_MaskedLMAdapter):
     name = "roberta-mlm"
@@ -144,6 +175,14 @@ class RobertaMLMAdapter(_MaskedLMAdapter):
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden)
 
+    def transform(self, hidden: Tensor) -> Tensor:
+        from transformers.models.roberta.modeling_roberta import gelu   # the activation RobertaLMHead calls
+        head = self.model.lm_head
+        return head.layer_norm(gelu(head.dense(hidden)))
+
+    def decoder(self) -> nn.Linear:
+        return self.model.lm_head.decoder
+
 
 class ModernBertMLMAdapter(_MaskedLMAdapter):
     name = "modernbert-mlm"
@@ -156,3 +195,9 @@ class ModernBertMLMAdapter(_MaskedLMAdapter):
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.decoder(self.model.head(hidden))
+
+    def transform(self, hidden: Tensor) -> Tensor:
+        return self.model.head(hidden)
+
+    def decoder(self) -> nn.Linear:
+        return self.model.decoder
