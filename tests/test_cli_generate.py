@@ -17,8 +17,9 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args, module="evofast.cli_generate", timeout=120):
+def _run(*args, module="evofast.cli", timeout=120):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    args = args if args[:1] == ("generate",) else ("generate", *args)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -57,7 +58,7 @@ def test_trace_page_is_self_contained(tiny_run):
 
 def _main(capsys, *args):
     """The command in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    from evofast import cli_generate
+    from evofast.cli import generate as cli_generate
     code = cli_generate.main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err

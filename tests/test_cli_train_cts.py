@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evofast import cli_train_cts
+from evofast.cli import generate as cli_generate
+from evofast.cli import train_cts as cli_train_cts
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_torch_thread")]  # peft reads a deprecated transformers property
 
@@ -48,7 +49,6 @@ def test_cli_saves_the_tokenizer_so_generate_loads_the_output(tmp_path, capsys):
     `evofast generate --model DIR` runs on it; a second run into DIR is refused, DIR untouched."""
     from transformers import AutoTokenizer
 
-    from evofast import cli_generate
     from evofast.models.tiny_tokenizer import CharTokenizer
     out = tmp_path / "out"
     assert cli_train_cts.main(TINY + ["--out", str(out)]) == 0
@@ -71,13 +71,13 @@ def test_cli_saves_the_tokenizer_so_generate_loads_the_output(tmp_path, capsys):
 
 
 def test_cli_out_is_checked_before_anything_is_loaded(tmp_path, capsys, monkeypatch):
-    from evofast import cli_generate
     from evofast.models import llada
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before --out was checked")
-    monkeypatch.setattr(cli_generate, "load_checkpoint", no_load)
-    monkeypatch.setattr(cli_generate, "load_tiny", no_load)
+    import evofast.models.loading as loading
+    monkeypatch.setattr(loading, "load_checkpoint", no_load)
+    monkeypatch.setattr(loading, "load_tiny", no_load)
     model_dir = tmp_path / "model"
     llada.tiny(vocab_size=100, d_model=32, n_layers=1, n_heads=4).save_pretrained(model_dir)
     weights = (model_dir / "model.safetensors").read_bytes()
@@ -129,7 +129,7 @@ def test_cli_with_bar_shows_each_loss_once(tmp_path, capsys):
 
 
 def test_cli_copies_the_task_file_of_the_input_model(tmp_path, capsys):
-    from test_cli_generate import _save_char_tokenizer
+    from _checkpoints import save_char_tokenizer as _save_char_tokenizer
 
     from evofast.models import llada
     from evofast.tasks import TASK_FILE
@@ -181,10 +181,10 @@ def test_train_cts_python_api_adapter_only(tmp_path):
 def test_training_prompts_are_the_prompts_generate_feeds(tmp_path, chat):
     """CTS examples start with exactly the ids `evofast generate` gives the model for the same
     prompt (one BOS, from the template or the tokenizer), and hold the response after them."""
-    from test_cli_generate import _save_char_tokenizer
+    from _checkpoints import save_char_tokenizer as _save_char_tokenizer
 
     from evofast.chat import prompt_ids
-    from evofast.cli_generate import encode_prompts
+    from evofast.chat import encode_prompts
     from evofast.cts import encode_examples
     template = ("<bos>{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}a: {% endif %}")
@@ -300,7 +300,7 @@ def test_cli_trains_bert_like_and_qwen2_checkpoints(tmp_path, capsys, kind):
     """train-cts on a BERT / ModernBERT / Qwen2 checkpoint: the mask id comes from the tokenizer, LoRA
     goes on the model's own attention projections, the merged model and tokenizer are saved."""
     import transformers as T
-    from test_cli_generate import _save_char_tokenizer
+    from _checkpoints import save_char_tokenizer as _save_char_tokenizer
     common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   max_position_embeddings=128)
     model = {"bert": lambda: T.BertForMaskedLM(T.BertConfig(**common)),

@@ -127,7 +127,7 @@ def test_saves_that_cannot_work_are_refused_before_training():
 
 
 def test_cli_takes_the_launchers_settings_and_refuses_conflicts(monkeypatch, capsys):
-    from evofast import cli_train_cts
+    from evofast.cli import train_cts as cli_train_cts
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "0.5")

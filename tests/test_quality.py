@@ -117,7 +117,7 @@ def test_eval_cli_json_schema(micro_dir, tmp_path, capsys):
 
 
 def test_eval_batches_do_not_change_results(micro_dir):
-    from evofast.cli_eval import load_model_and_task
+    from evofast.evaluation import load_model_and_task
 
     model, tok, task = load_model_and_task(micro_dir, None, torch.device("cpu"))
     exs = task.test_set(9, seed=0)

@@ -80,7 +80,7 @@ def check_output_dir(out, *, inputs: Iterable = (), overwrite: bool = False, res
                              "there when it saves checkpoints)")
     elif path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(f"{name} {out}: the directory is not empty; choose a new directory, pass {o_name} to "
-                         f"write into it, or {r_name} to continue from its checkpoints")
+                         "write into it" + (f", or {r_name} to continue from its checkpoints" if r_name else ""))
     anc = path
     while not anc.exists():
         anc = anc.parent

@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -171,14 +171,16 @@ def train(model, tok, task, *, steps: int = 2000, batch_size: int = 64, lr: floa
 
 
 def save(model, tok, task, out, log: Optional[TrainLog] = None) -> Path:
-    """save_pretrained (safetensors) + tokenizer + the task spec (+ the training log) in `out`."""
+    """save_pretrained (safetensors) + tokenizer + the task spec (+ the training log) in `out`, published
+    atomically (an interrupted save leaves no directory that looks like a model)."""
     from ..tasks import TASK_FILE
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    (out / TASK_FILE).write_text(json.dumps(task.spec(), indent=2) + "\n")
-    if log is not None:
-        (out / "train_log.json").write_text(json.dumps(asdict(log), indent=2) + "\n")
-    return out
+    from ..cts.output import publish
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+        (d / TASK_FILE).write_text(json.dumps(task.spec(), indent=2) + "\n")
+        if log is not None:
+            (d / "train_log.json").write_text(json.dumps(asdict(log), indent=2) + "\n")
+    return publish(out, write)                  # written beside `out`, then moved into place

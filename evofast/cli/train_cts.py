@@ -40,7 +40,9 @@ import argparse
 import os
 import sys
 
-from .cli import keeps_torch_threads
+from .common import command, resolve_device
+
+OPTIONS = ("device", "seed", "threads", "progress")
 
 HELP = "train a diffusion LM with CTS (LoRA by default): --model PATH_OR_tiny --data FILE.jsonl"
 
@@ -98,18 +100,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let transformers run the checkpoint's own model / tokenizer code")
     parser.add_argument("--mask-id", type=int, default=None, help="mask token id (default: config, then tokenizer)")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@keeps_torch_threads
+@command("evofast train-cts")
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli_generate import TINY_NOTE, load_checkpoint, load_tiny
-    from .cts import encode_examples, load_jsonl, train_cts
-    from .cts.output import check_output_dir
+    from ..models.loading import load_checkpoint, load_tiny
+    from .generate import TINY_NOTE
+    from ..cts import encode_examples, load_jsonl, train_cts
+    from ..cts.output import check_output_dir
 
     def err(msg):
         print(f"evofast train-cts: error: {msg}", file=sys.stderr)
@@ -139,11 +139,7 @@ def run(args: argparse.Namespace) -> int:
         records = load_jsonl(args.data) if args.data else [{"prompt": p, "response": r} for p, r in DEMO]
     except (OSError, ValueError) as e:
         return err(f"cannot read --data: {e}")
-    from .bench._common import pick_device
-    try:
-        device = pick_device(args.device)
-    except (RuntimeError, SystemExit) as e:
-        return err(f"--device {args.device}: {e}")
+    device = resolve_device(args.device)
     # several processes: each loads on the CPU, the launcher moves (DDP) or shards (FSDP, ZeRO) the model
     load_on = torch.device("cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else device
     main_process = os.environ.get("RANK", "0") == "0"          # the one that reports
@@ -152,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model == "tiny":
             if main_process:
                 print(TINY_NOTE, file=sys.stderr)
-            if device.type == "cpu":
+            if device.type == "cpu" and args.threads is None:
                 torch.set_num_threads(1)   # tiny matrices: more threads only add synchronisation (see load_tiny)
             model, tok = load_tiny(load_on, dtype)
         else:
@@ -178,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             k_soft=args.k_soft, epochs=args.epochs,
             max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
             bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-            merge=not args.no_merge, progress=not args.no_progress, on_loss=show,
+            merge=not args.no_merge, progress=args.progress, on_loss=show,
             use_cpu=device.type == "cpu", **launcher, **({"fsdp": True} if args.fsdp else {}))
     except (ValueError, TypeError) as e:
         return err(str(e))
@@ -222,7 +218,7 @@ def _launcher_settings(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    from . import cli
+    from .. import cli
     return cli.standalone(sys.modules[__name__], "evofast train-cts", argv)
 
 
