@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "train-cts": "evofast.cli_train_cts",
     "train-base": "evofast.cli_train_base",
     "eval": "evofast.cli_eval",
+    "demo": "evofast.cli_demo",
 }
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import html
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -199,8 +198,14 @@ def token_text(tokenizer, tid: int, mask_id: int) -> str:
     return str(tid)
 
 
-def _r(v: float, nd: int = 4):
-    return None if (v is None or math.isnan(v)) else round(float(v), nd)
+def _rounded(t: Tensor, nd: int = 4) -> list:
+    """t's values rounded to nd decimals, as (nested) lists; rounded by torch, as Python's round
+    is slow enough to dominate a live page's steps."""
+    return t.double().mul(10 ** nd).round().div(10 ** nd).tolist()
+
+
+def _none_if_nan(v: float):
+    return None if v != v else v
 
 
 def row_start(first: TraceStep, b: int, pad: int, prompt_length: int, mask_id: int) -> dict:
@@ -219,23 +224,23 @@ def step_payload(rec: TraceStep, b: int, lo: int, used: set) -> dict:
     x = rec.x[b, lo:].tolist()
     used.update(x)
     tid = rec.topk_ids[b, lo:].tolist()
-    tp = rec.topk_p[b, lo:].tolist()
+    tp = _rounded(rec.topk_p[b, lo:])
     for ids in tid:
         used.update(i for i in ids if i >= 0)
     rid = rec.rep_ids[b, lo:].tolist()
-    rw = rec.rep_w[b, lo:].tolist()
+    rw = _rounded(rec.rep_w[b, lo:])
     for ids, ws in zip(rid, rw):
-        used.update(i for i, w in zip(ids, ws) if w and w > 0)
+        used.update(i for i, w in zip(ids, ws) if w > 0)
     return {
         "step": rec.step,
         "block": int(rec.block[b]) if rec.block else -1,
         "window": list(rec.window),
         "x": x,
-        "conf": [_r(c) for c in rec.conf[b, lo:].tolist()],
+        "conf": [_none_if_nan(c) for c in _rounded(rec.conf[b, lo:])],
         "state": rec.state[b, lo:].tolist(),
         "transfer": [int(t) for t in rec.transfer[b, lo:].tolist()],
-        "topk": [[[i, _r(p)] for i, p in zip(ids, ps) if i >= 0] for ids, ps in zip(tid, tp)],
-        "rep": [[[i, _r(w)] for i, w in zip(ids, ws) if w and w > 0] for ids, ws in zip(rid, rw)],
+        "topk": [[[i, _none_if_nan(p)] for i, p in zip(ids, ps) if i >= 0] for ids, ps in zip(tid, tp)],
+        "rep": [[[i, w] for i, w in zip(ids, ws) if w > 0] for ids, ws in zip(rid, rw)],
     }
 
 

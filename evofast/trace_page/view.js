@@ -51,9 +51,11 @@
 
   // A View draws the rows of one generation into `nodes` (meta, legend, rows: containers; tip:
   // the hover box). `vocab` (id -> text) may grow while steps arrive. Colours are relative to
-  // the most confident value seen so far; when it grows every row is repainted.
+  // the most confident value seen so far; when it grows every row is repainted. `live`: steps
+  // arrive as they run, and a grid scrolled to its end follows the newest one.
   class View {
-    constructor(meta, vocab, nodes) {
+    constructor(meta, vocab, nodes, live) {
+      this.live = !!live;
       this.M = meta;
       this.V = vocab;
       this.nodes = nodes;
@@ -113,15 +115,20 @@
       legend.appendChild(note);
     }
 
-    hover(target, text) {
+    // The tooltip over `box`: text(element) for the element under the pointer, null for none. One set
+    // of listeners per box, not per cell: a live grid grows by hundreds of cells a step.
+    hover(box, text) {
       const tip = this.tip;
-      const place = (ev) => {
+      box.addEventListener("mouseover", (ev) => {
+        const t = text(ev.target);
+        tip.style.display = t === null ? "none" : "block";
+        if (t !== null) tip.textContent = t;
+      });
+      box.addEventListener("mousemove", (ev) => {
         tip.style.left = Math.max(0, Math.min(ev.clientX + 14, window.innerWidth - tip.offsetWidth - 8)) + "px";
         tip.style.top = Math.max(0, Math.min(ev.clientY + 14, window.innerHeight - tip.offsetHeight - 8)) + "px";
-      };
-      target.addEventListener("mouseenter", () => { tip.textContent = text(); tip.style.display = "block"; });
-      target.addEventListener("mousemove", place);
-      target.addEventListener("mouseleave", () => { tip.style.display = "none"; });
+      });
+      box.addEventListener("mouseleave", () => { tip.style.display = "none"; });
     }
 
     // A batch row (its pad, first position shown and prompt ids); `heading`: a title above it.
@@ -132,11 +139,11 @@
       return r;
     }
 
-    // Steps of a row arrived: add them, repainting everything when the colour scale grew.
+    // Steps of a row arrived: add them, repainting the rest when the colour scale grew.
     addSteps(r, steps) {
-      const grew = this.see(steps);
-      steps.forEach((s) => r.addStep(s));
-      if (grew) this.rows.forEach((other) => other.repaint());
+      const grew = this.see(steps), before = r.steps.length;
+      r.addSteps(steps);
+      if (grew) this.rows.forEach((other) => other.repaint(other === r ? before : undefined));
     }
   }
 
@@ -167,7 +174,7 @@
       sec.appendChild(controls);
       this.text = el("div", {class: "text"});
       sec.appendChild(this.text);
-      const wrap = el("div", {class: "gridwrap"});
+      const wrap = this.wrap = el("div", {class: "gridwrap"});
       this.table = el("table", {class: "grid"});
       const head = el("tr", {});
       head.appendChild(el("th", {class: "stepno"}, "step"));
@@ -179,10 +186,21 @@
       this.table.appendChild(head);
       wrap.appendChild(this.table);
       sec.appendChild(wrap);
-      this.slider.addEventListener("input", () => {
-        this.follow = Number(this.slider.value) === this.steps.length - 1;
-        this.update();
+      this.slider.addEventListener("input", () => this.select(Number(this.slider.value)));
+      // a grid cell: its row is a step (after the header), its column a position (after the step number)
+      const cell = (t) => (t.classList && t.classList.contains("cell") ? [t.parentNode.rowIndex - 1, t.cellIndex - 1] : null);
+      view.hover(this.table, (t) => { const c = cell(t); return c ? this.describe(c[0], c[1]) : null; });
+      this.table.addEventListener("click", (ev) => { const c = cell(ev.target); if (c) this.select(c[0]); });
+      view.hover(this.text, (t) => {
+        const j = t.parentNode === this.text ? Array.prototype.indexOf.call(this.text.children, t) : -1;
+        return j < 0 ? null : this.describe(Number(this.slider.value), j);
       });
+    }
+
+    select(si) {
+      this.slider.value = si;
+      this.follow = si === this.steps.length - 1;
+      this.update();
     }
 
     // What is drawn for step s: `shown` (the state) and `mark` ("tr": chosen here, "rev": changed here).
@@ -197,26 +215,30 @@
       });
     }
 
-    addStep(s) {
-      const si = this.steps.length, M = this.view.M;
-      this.steps.push(s);
-      this.annotate(s, si);
-      const tr = el("tr", {"data-step": s.step});
-      tr.appendChild(el("td", {class: "stepno"}, s.step < 0 ? "init" : String(s.step)));
-      const tds = [];
-      for (let j = 0; j < this.ncol; j++) {
-        const td = el("td", {class: "cell", "data-pos": this.row.first + j, "data-step": s.step});
-        this.view.hover(td, () => this.describe(si, j));
-        td.addEventListener("click", () => { this.slider.value = si; this.follow = si === this.steps.length - 1; this.update(); });
-        tr.appendChild(td);
-        tds.push(td);
-      }
-      this.table.appendChild(tr);
-      this.trs.push(tr);
-      this.cells.push(tds);
-      this.paint(si);
-      this.slider.max = si;
-      if (this.follow) this.slider.value = si;
+    // Steps arrived (one grid row each); the slider follows the newest unless the user moved it.
+    addSteps(steps) {
+      const wrap = this.wrap, atEnd = wrap.scrollTop + wrap.clientHeight >= wrap.scrollHeight - 4;
+      steps.forEach((s) => {
+        const si = this.steps.length;
+        this.steps.push(s);
+        this.annotate(s, si);
+        const tr = el("tr", {"data-step": s.step});
+        tr.appendChild(el("td", {class: "stepno"}, s.step < 0 ? "init" : String(s.step)));
+        const tds = [];
+        for (let j = 0; j < this.ncol; j++) {
+          const td = el("td", {class: "cell", "data-pos": this.row.first + j, "data-step": s.step});
+          tr.appendChild(td);
+          tds.push(td);
+        }
+        this.table.appendChild(tr);
+        this.trs.push(tr);
+        this.cells.push(tds);
+        this.paint(si);
+      });
+      const last = this.steps.length - 1;
+      this.slider.max = last;
+      if (this.follow) this.slider.value = last;
+      if (this.view.live && atEnd) wrap.scrollTop = wrap.scrollHeight;
       this.update();
     }
 
@@ -243,8 +265,8 @@
       });
     }
 
-    repaint() {
-      this.steps.forEach((_, si) => this.paint(si));
+    repaint(upto) {
+      for (let si = 0; si < (upto === undefined ? this.steps.length : upto); si++) this.paint(si);
       this.update();
     }
 
@@ -277,10 +299,11 @@
       s.x.forEach((x, j) => {
         const span = el("span", {class: "tok" + (s.mark[j] ? " " + s.mark[j] : "")}, x === M.mask_id ? "\u2591" : view.tok(x));
         span.style.background = view.shade(s, j);
-        view.hover(span, () => this.describe(si, j));
         this.text.appendChild(span);
       });
-      this.trs.forEach((tr, k) => tr.classList.toggle("sel", k === si));
+      if (this.selected) this.selected.classList.remove("sel");
+      this.selected = this.trs[si];
+      this.selected.classList.add("sel");
     }
   }
 
