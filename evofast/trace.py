@@ -17,14 +17,16 @@ States, by the representation the next forward reads:
 the intensity of the confidence (token chosen) or of the top-1 probability
 (masked), rings on the positions whose token was chosen or revised at that step,
 the top-k on hover, and a step slider over the text. The page's template, style
-sheet and script are package data (evofast/trace_page), inlined into the page.
+sheet and scripts are package data (evofast/trace_page), inlined into the page:
+view.js draws steps as they come (the live `evofast demo` page draws with it
+too, fed by `row_start`, `step_payload`, `page_meta` and `page_vocab`), page.js
+hands it a finished trace.
 """
 from __future__ import annotations
 
 import functools
 import html
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,7 +36,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Trace", "TraceStep", "to_html", "record_step", "STATE_NAMES", "MASK", "SOFT_MASK", "SOFT", "DECODED"]
+__all__ = ["Trace", "TraceStep", "to_html", "record_step", "STATE_NAMES", "MASK", "SOFT_MASK", "SOFT", "DECODED",
+           "row_start", "step_payload", "page_meta", "page_vocab", "page_asset", "token_text"]
 
 MASK, SOFT_MASK, SOFT, DECODED = 0, 1, 2, 3
 STATE_NAMES = ("mask", "soft-mask", "soft", "decoded")
@@ -163,17 +166,23 @@ _SLOT = re.compile(r"__(TITLE|CSS|JS|DATA)__")
 
 @functools.lru_cache(maxsize=1)
 def _page_parts() -> dict:
-    """The page template and the stylesheet and script it inlines (package data in evofast/trace_page)."""
-    folder = resources.files("evofast") / "trace_page"
-    parts = {key: (folder / name).read_text(encoding="utf-8")
-             for key, name in (("HTML", "page.html"), ("CSS", "page.css"), ("JS", "page.js"))}
+    """The page template, the stylesheet and the script it inlines (package data in evofast/trace_page:
+    view.js draws steps, page.js draws a finished trace with it; `evofast demo` serves view.js too)."""
+    parts = {key: page_asset(name) for key, name in (("HTML", "page.html"), ("CSS", "page.css"))}
+    parts["JS"] = page_asset("view.js") + "\n" + page_asset("page.js")
     for key in ("CSS", "JS"):                   # inlined: they must not end their element early
         if re.search(r"</(script|style)", parts[key], re.I):
             raise RuntimeError(f"evofast/trace_page: the {key.lower()} file contains a closing </script> or </style>")
     return parts
 
 
-def _token_text(tokenizer, tid: int, mask_id: int) -> str:
+def page_asset(name: str) -> str:
+    """The text of a file of the trace page's package data (evofast/trace_page/NAME)."""
+    return (resources.files("evofast") / "trace_page" / name).read_text(encoding="utf-8")
+
+
+def token_text(tokenizer, tid: int, mask_id: int) -> str:
+    """How the page shows token `tid`: [M] for the mask, the tokenizer's text, else the id."""
     if tid == mask_id:
         return "[M]"
     if tokenizer is None:
@@ -189,45 +198,70 @@ def _token_text(tokenizer, tid: int, mask_id: int) -> str:
     return str(tid)
 
 
-def _r(v: float, nd: int = 4):
-    return None if (v is None or math.isnan(v)) else round(float(v), nd)
+def _rounded(t: Tensor, nd: int = 4) -> list:
+    """t's values rounded to nd decimals, as (nested) lists; rounded by torch, as Python's round
+    is slow enough to dominate a live page's steps."""
+    return t.double().mul(10 ** nd).round().div(10 ** nd).tolist()
+
+
+def _none_if_nan(v: float):
+    return None if v != v else v
+
+
+def row_start(first: TraceStep, b: int, pad: int, prompt_length: int, mask_id: int) -> dict:
+    """What the page knows of batch row `b` (with `pad` left pads) from the record before the first
+    forward: the first position its grid shows (the prompt's first mask token, else the first
+    generated position) and the prompt tokens before it."""
+    x0 = first.x[b]
+    prompt_masks = (x0[pad:prompt_length] == mask_id).nonzero().flatten()
+    lo = pad + int(prompt_masks[0]) if prompt_masks.numel() else prompt_length
+    return {"row": b, "pad": pad, "first": lo, "prompt": x0[pad:lo].tolist()}
+
+
+def step_payload(rec: TraceStep, b: int, lo: int, used: set) -> dict:
+    """One step of batch row `b` as the page draws it: positions [lo, L) (`row_start`'s "first");
+    every token id it names is added to `used` (the page's vocabulary)."""
+    x = rec.x[b, lo:].tolist()
+    used.update(x)
+    tid = rec.topk_ids[b, lo:].tolist()
+    tp = _rounded(rec.topk_p[b, lo:])
+    for ids in tid:
+        used.update(i for i in ids if i >= 0)
+    rid = rec.rep_ids[b, lo:].tolist()
+    rw = _rounded(rec.rep_w[b, lo:])
+    for ids, ws in zip(rid, rw):
+        used.update(i for i, w in zip(ids, ws) if w > 0)
+    return {
+        "step": rec.step,
+        "block": int(rec.block[b]) if rec.block else -1,
+        "window": list(rec.window),
+        "x": x,
+        "conf": [_none_if_nan(c) for c in _rounded(rec.conf[b, lo:])],
+        "state": rec.state[b, lo:].tolist(),
+        "transfer": [int(t) for t in rec.transfer[b, lo:].tolist()],
+        "topk": [[[i, _none_if_nan(p)] for i, p in zip(ids, ps) if i >= 0] for ids, ps in zip(tid, tp)],
+        "rep": [[[i, w] for i, w in zip(ids, ws) if w > 0] for ids, ws in zip(rid, rw)],
+    }
+
+
+def page_meta(trace: Trace) -> dict:
+    """The settings the page shows (and the state names it colours)."""
+    return {"mode": trace.mode, "mask_id": trace.mask_id, "prompt_length": trace.prompt_length,
+            "gen_length": trace.gen_length, "block_length": trace.block_length,
+            "steps_per_block": trace.steps_per_block, "k_soft": trace.k_soft, "alpha": trace.alpha,
+            "forwards": trace.num_steps, "states": list(STATE_NAMES)}
+
+
+def page_vocab(tokenizer, ids, mask_id: int) -> dict:
+    """id (as a string) -> the text the page shows for it."""
+    return {str(i): token_text(tokenizer, int(i), mask_id) for i in sorted(ids)}
 
 
 def _row_payload(trace: Trace, b: int, used: set) -> dict:
-    P, L = trace.prompt_length, trace.prompt_length + trace.gen_length
-    first = trace.records[0]
-    x0 = first.x[b]
-    pad = int(trace.pad[b])
-    prompt_masks = (x0[pad:P] == trace.mask_id).nonzero().flatten()
-    lo = pad + int(prompt_masks[0]) if prompt_masks.numel() else P        # first position shown in the grid
-    steps = []
-    for rec in trace.records:
-        if rec.step >= 0 and b not in rec.rows:
-            continue
-        x = rec.x[b, lo:L].tolist()
-        used.update(x)
-        tid = rec.topk_ids[b, lo:L].tolist()
-        tp = rec.topk_p[b, lo:L].tolist()
-        for ids in tid:
-            used.update(i for i in ids if i >= 0)
-        rid = rec.rep_ids[b, lo:L].tolist()
-        rw = rec.rep_w[b, lo:L].tolist()
-        steps.append({
-            "step": rec.step,
-            "block": int(rec.block[b]) if rec.block else -1,
-            "window": list(rec.window),
-            "x": x,
-            "conf": [_r(c) for c in rec.conf[b, lo:L].tolist()],
-            "state": rec.state[b, lo:L].tolist(),
-            "transfer": [int(t) for t in rec.transfer[b, lo:L].tolist()],
-            "topk": [[[i, _r(p)] for i, p in zip(ids, ps) if i >= 0] for ids, ps in zip(tid, tp)],
-            "rep": [[[i, _r(w)] for i, w in zip(ids, ws) if w and w > 0] for ids, ws in zip(rid, rw)],
-        })
-        for ids, ws in zip(rid, rw):
-            used.update(i for i, w in zip(ids, ws) if w and w > 0)
-    prompt = x0[pad:lo].tolist()
-    used.update(prompt)
-    return {"row": b, "pad": pad, "first": lo, "prompt": prompt, "steps": steps}
+    start = row_start(trace.records[0], b, int(trace.pad[b]), trace.prompt_length, trace.mask_id)
+    used.update(start["prompt"])
+    steps = [step_payload(rec, b, start["first"], used) for rec in trace.records if rec.step < 0 or b in rec.rows]
+    return {**start, "steps": steps}
 
 
 def to_html(trace: Trace, tokenizer=None, path=None, *, title: Optional[str] = None, rows=None) -> str:
@@ -247,11 +281,8 @@ def to_html(trace: Trace, tokenizer=None, path=None, *, title: Optional[str] = N
             raise ValueError(f"rows: {r} is not a batch row of this trace (B = {trace.batch_size})")
     used: set = set()
     rows = [_row_payload(trace, b, used) for b in shown]
-    vocab = {str(i): _token_text(tokenizer, int(i), trace.mask_id) for i in sorted(used)}
-    meta = {"mode": trace.mode, "mask_id": trace.mask_id, "prompt_length": trace.prompt_length,
-            "gen_length": trace.gen_length, "block_length": trace.block_length,
-            "steps_per_block": trace.steps_per_block, "k_soft": trace.k_soft, "alpha": trace.alpha,
-            "forwards": trace.num_steps, "states": list(STATE_NAMES)}
+    vocab = page_vocab(tokenizer, used, trace.mask_id)
+    meta = page_meta(trace)
     data = json.dumps({"meta": meta, "vocab": vocab, "rows": rows}, separators=(",", ":"))
     data = data.replace("<", "\\u003c")        # no token text can close or comment out the <script> element
     title = title or f"evofast generate trace ({trace.mode})"

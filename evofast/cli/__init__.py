@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "train-cts": "evofast.cli.train_cts",
     "train-base": "evofast.cli.train_base",
     "eval": "evofast.cli.eval",
+    "demo": "evofast.cli.demo",
 }
 
 
