@@ -49,14 +49,14 @@ def test_cli_saves_the_tokenizer_so_generate_loads_the_output(tmp_path, capsys):
     `evofast generate --model DIR` runs on it; a second run into DIR is refused, DIR untouched."""
     from transformers import AutoTokenizer
 
-    from evofast.models.tiny_tokenizer import CharTokenizer
+    from evofast.char_tokenizer import tiny_tokenizer
     out = tmp_path / "out"
     assert cli_train_cts.main(TINY + ["--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"saved to {out}" in err
     tok = AutoTokenizer.from_pretrained(out)
     for text in ("What is 1 + 1?\n", "a~ b"):
-        assert tok(text)["input_ids"] == CharTokenizer()(text)["input_ids"]
+        assert tok(text)["input_ids"] == tiny_tokenizer()(text)["input_ids"]
     assert cli_generate.main(["--model", str(out), "--prompt", "What is 1 + 1?", "--gen-length", "8",
                               "--block-length", "8", "--steps", "4", "--device", "cpu"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -166,9 +166,9 @@ def test_cli_bad_input(tmp_path, capsys):
 def test_train_cts_python_api_adapter_only(tmp_path):
     from evofast.cts import encode_examples, train_cts
     from evofast.models import llada
-    from evofast.models.tiny_tokenizer import CharTokenizer
+    from evofast.char_tokenizer import tiny_tokenizer
 
-    tok = CharTokenizer()
+    tok = tiny_tokenizer()
     model = llada.tiny(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=4)
     exs = encode_examples(tok, [{"prompt": "ab", "response": "cdefghijklmnopqrstuvwxyz"}] * 4)
     assert exs[0]["prompt_length"] == 3 and exs[0]["input_ids"][-1] == tok.eos_token_id
@@ -206,8 +206,8 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from evofast.cts import train_cts, encode_examples
     from evofast.models import llada
-    from evofast.models.tiny_tokenizer import CharTokenizer
-    tok = CharTokenizer()
+    from evofast.char_tokenizer import tiny_tokenizer
+    tok = tiny_tokenizer()
     model = llada.tiny(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, seed=0)
     recs = [{"prompt": f"Q{i}:", "response": "the quick brown fox jumps over the lazy dog"} for i in range(16)]
     trained, losses = train_cts(model, tok, encode_examples(tok, recs), lora_r=4, max_steps=8, batch_size=2,
@@ -243,9 +243,9 @@ def test_cts_trainer_direct_with_accumulation_and_evaluate(tmp_path):
     from evofast.cts import CTSTrainer, encode_examples
     from evofast.cts.lora import add_lora
     from evofast.models import llada
-    from evofast.models.tiny_tokenizer import CharTokenizer
+    from evofast.char_tokenizer import tiny_tokenizer
 
-    tok = CharTokenizer()
+    tok = tiny_tokenizer()
     model = add_lora(llada.tiny(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=4), 4)
     exs = encode_examples(tok, [{"prompt": "ab", "response": "cdefghijklmnopqrstuvwxyz"}] * 4)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
@@ -277,9 +277,9 @@ def test_publish_is_all_or_nothing(tmp_path):
 
 def test_encode_example_rejects_a_blank_response():
     from evofast.cts import encode_example
-    from evofast.models.tiny_tokenizer import CharTokenizer
+    from evofast.char_tokenizer import tiny_tokenizer
     with pytest.raises(ValueError, match="response"):
-        encode_example(CharTokenizer(), "What?", "  ")
+        encode_example(tiny_tokenizer(), "What?", "  ")
 
 
 def test_cli_resume_continues_from_the_last_checkpoint(tmp_path, capsys):

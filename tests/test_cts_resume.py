@@ -7,7 +7,7 @@ from transformers import TrainerCallback
 from evofast.cts import encode_examples, train_cts
 from evofast.cts.output import STAGING, checkpoints, last_checkpoint
 from evofast.models import llada
-from evofast.models.tiny_tokenizer import CharTokenizer
+from evofast.char_tokenizer import tiny_tokenizer
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -42,7 +42,7 @@ def test_stopped_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, l
     checkpoint at step 3 lies inside an epoch (the resumed run skips its first micro-batches) and
     the run crosses epochs. The collator's noise and the mask weights are drawn from the optimizer
     step, not from a stream the crash loses."""
-    tok = CharTokenizer()
+    tok = tiny_tokenizer()
     exs = encode_examples(tok, [{"prompt": f"Q{i}:", "response": "the quick brown fox " + "ab" * i}
                                 for i in range(6)])
     want = _run(tmp_path / "straight", tok, exs, lora)
@@ -61,7 +61,7 @@ def test_an_interrupted_save_is_never_taken_for_a_checkpoint(tmp_path, monkeypat
     """A crash while the Trainer writes a checkpoint leaves it under the staging folder only:
     resume takes the last complete one."""
     from transformers import Trainer
-    tok = CharTokenizer()
+    tok = tiny_tokenizer()
     exs = encode_examples(tok, [{"prompt": "Q:", "response": "the quick brown fox"}] * 4)
     real = Trainer._save_rng_state
 

@@ -125,26 +125,8 @@ def publish(out, write: Callable[[Path], None]) -> Path:
 
 
 def savable_tokenizer(tok):
-    """`tok` when it can `save_pretrained`; evofast's `CharTokenizer` as the transformers tokenizer
-    with the same ids (what `AutoTokenizer.from_pretrained` loads back); else None."""
-    if callable(getattr(tok, "save_pretrained", None)):
-        return tok
-    from ..models.tiny_tokenizer import CharTokenizer
-    if not isinstance(tok, CharTokenizer):
-        return None
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(tok.tokens)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")   # one token per character
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<eos>", mask_token="<mask>", padding_side=tok.padding_side,
-                                   clean_up_tokenization_spaces=False)
-    fast.model_max_length = 1 << 16
-    return fast
+    """`tok` when it can `save_pretrained` (what `AutoTokenizer.from_pretrained` loads back), else None."""
+    return tok if callable(getattr(tok, "save_pretrained", None)) else None
 
 
 @contextlib.contextmanager

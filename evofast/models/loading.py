@@ -35,11 +35,11 @@ def load_tiny(device, dtype):
     """The built-in random model (LLaDA architecture, d_model 64, 2 layers) and its character
     tokenizer. Its matrices are so small that callers on the CPU should use one torch thread
     (more only add synchronisation)."""
+    from ..char_tokenizer import tiny_tokenizer
     from . import llada
-    from .tiny_tokenizer import CharTokenizer
 
-    tok = CharTokenizer()
-    model = llada.tiny(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, seed=0)
+    tok = tiny_tokenizer()
+    model = llada.tiny(vocab_size=len(tok), d_model=64, n_layers=2, n_heads=4, seed=0)
     return model.to(device=device, dtype=dtype), tok
 
 
