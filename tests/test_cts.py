@@ -206,7 +206,7 @@ def test_model_whose_adapter_has_no_output_head_is_a_type_error(monkeypatch):
     """An adapter that cannot split off its LM head (the base contract's default) is refused by name."""
     from evofast.models import registry
     from evofast.models.base import Adapter
-    from evofast.models.llada_native import LLaDANativeAdapter
+    from evofast.models.adapters.llada_native import LLaDANativeAdapter
 
     class NoHead(LLaDANativeAdapter):
         name = "no-head"

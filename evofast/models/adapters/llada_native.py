@@ -14,7 +14,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .base import HFAdapter, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, check_cached, check_inputs, default_positions, keep_mask
 
 LLADA_MASK_ID = 126336  # <|mdm_mask|> in LLaDA's 126464-token vocabulary
 LLADA_VOCAB_SIZE = 126464

@@ -53,7 +53,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
 
 _MASK_READY_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
@@ -190,7 +190,7 @@ class DreamAdapter(HFAdapter):
                        inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                        position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
                        logits_to: Optional[int] = None) -> Tensor:
-        from ..cache import transformers_cache
+        from ...cache import transformers_cache
         b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
                                        logits_from, logits_to, self.max_length)
         if self.shift_logits and start > 0 and lo == 0:

@@ -36,7 +36,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
 
 
 class _MaskedLMAdapter(HFAdapter):
@@ -124,7 +124,7 @@ class _MaskedLMAdapter(HFAdapter):
                        logits_to: Optional[int] = None) -> Tensor:
         if not self.cache_kinds:
             return super().forward_cached(cache=cache, start=start)
-        from ..cache import transformers_cache
+        from ...cache import transformers_cache
         b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
                                        logits_from, logits_to, self.max_length)
         ref = input_ids if input_ids is not None else inputs_embeds

@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import HFAdapter, InstancePatches, MethodHook, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, InstancePatches, MethodHook, check_cached, check_inputs, default_positions, keep_mask
 from .llada_native import llada_default_mask_id
 
 
