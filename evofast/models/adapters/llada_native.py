@@ -14,7 +14,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..base import HFAdapter, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, Inputs, default_positions, keep_mask
 
 LLADA_MASK_ID = 126336  # <|mdm_mask|> in LLaDA's 126464-token vocabulary
 LLADA_VOCAB_SIZE = 126464
@@ -52,25 +52,17 @@ class LLaDANativeAdapter(HFAdapter):
     def max_length(self) -> Optional[int]:
         return int(self.model.config.max_sequence_length)
 
-    def _body(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor], attention_mask: Optional[Tensor],
-              position_ids: Optional[Tensor], L: int, **cache) -> Tensor:
-        """ln_f's output (the LM head's input) for checked inputs; `cache`: LLaDAModel's kv_cache, cache_start."""
-        ref = input_ids if input_ids is not None else inputs_embeds
-        pos = default_positions(attention_mask, position_ids, L, ref.device)
-        return self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                attention_mask=keep_mask(attention_mask), position_ids=pos, **cache)[0]
+    def _body(self, x: Inputs, **cache) -> Tensor:
+        """ln_f's output (the LM head's input); `cache`: LLaDAModel's kv_cache, cache_start."""
+        pos = default_positions(x.attention_mask, x.position_ids, x.L, x.device)
+        return self.model.model(**x.model_kwargs(), attention_mask=keep_mask(x.attention_mask), position_ids=pos,
+                                **cache)[0]
 
-    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                logits_from: int = 0) -> Tensor:
-        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
-        hidden = self._body(input_ids, inputs_embeds, attention_mask, position_ids, L)
-        return self.model.compute_logits(hidden[:, logits_from:])
+    def _forward(self, x: Inputs, logits_from: int) -> Tensor:
+        return self.model.compute_logits(self._body(x)[:, logits_from:])
 
-    def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
-        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, 0, self.max_length)
-        return self._body(input_ids, inputs_embeds, attention_mask, position_ids, L)
+    def _hidden_states(self, x: Inputs) -> Tensor:
+        return self._body(x)
 
     def output_head(self) -> tuple:
         cfg = self.model.config
@@ -82,12 +74,5 @@ class LLaDANativeAdapter(HFAdapter):
         blocks = self.model.model.transformer.blocks
         return len(blocks), blocks[0].n_kv_heads, blocks[0].head_dim
 
-    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
-                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
-                       logits_to: Optional[int] = None) -> Tensor:
-        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to, self.max_length)
-        hidden = self._body(input_ids, inputs_embeds, attention_mask, position_ids, L, kv_cache=cache,
-                            cache_start=start)
-        return self.model.compute_logits(hidden[:, lo:hi])
+    def _forward_cached(self, cache, start: int, x: Inputs, lo: int, hi: int) -> Tensor:
+        return self.model.compute_logits(self._body(x, kv_cache=cache, cache_start=start)[:, lo:hi])

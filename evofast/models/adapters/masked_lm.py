@@ -36,7 +36,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, Inputs, additive_key_bias, default_positions, keep_mask
 
 
 class _MaskedLMAdapter(HFAdapter):
@@ -88,25 +88,20 @@ class _MaskedLMAdapter(HFAdapter):
     def decoder(self) -> nn.Linear:
         raise NotImplementedError
 
-    def _encode(self, input_ids, inputs_embeds, attention_mask, position_ids, logits_from: int) -> Tensor:
-        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        positions = self.model_positions(default_positions(attention_mask, position_ids, L, ref.device))
-        positions = positions.expand(B, L)
-        out = self.body(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                        attention_mask=None if keep is None else keep.long(), position_ids=positions)
+    def _positions(self, x: Inputs) -> Tensor:
+        return self.model_positions(default_positions(x.attention_mask, x.position_ids, x.L, x.device)).expand(x.B, x.L)
+
+    def _encode(self, x: Inputs) -> Tensor:
+        keep = keep_mask(x.attention_mask)
+        out = self.body(**x.model_kwargs(), attention_mask=None if keep is None else keep.long(),
+                        position_ids=self._positions(x))
         return out[0]
 
-    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                logits_from: int = 0) -> Tensor:
-        hidden = self._encode(input_ids, inputs_embeds, attention_mask, position_ids, logits_from)
-        return self.head(hidden[:, logits_from:])
+    def _forward(self, x: Inputs, logits_from: int) -> Tensor:
+        return self.head(self._encode(x)[:, logits_from:])
 
-    def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
-        return self.transform(self._encode(input_ids, inputs_embeds, attention_mask, position_ids, 0))
+    def _hidden_states(self, x: Inputs) -> Tensor:
+        return self.transform(self._encode(x))
 
     def output_head(self) -> tuple:
         dec = self.decoder()
@@ -118,24 +113,15 @@ class _MaskedLMAdapter(HFAdapter):
         cfg = self.model.config
         return int(cfg.num_hidden_layers), int(cfg.num_attention_heads), int(cfg.hidden_size // cfg.num_attention_heads)
 
-    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
-                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
-                       logits_to: Optional[int] = None) -> Tensor:
-        if not self.cache_kinds:
-            return super().forward_cached(cache=cache, start=start)
+    def _forward_cached(self, cache, start: int, x: Inputs, lo: int, hi: int) -> Tensor:
         from ...cache import transformers_cache
-        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to, self.max_length)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        positions = self.model_positions(default_positions(attention_mask, position_ids, L, ref.device))
-        positions = positions.expand(b, L)[:, start:start + n]
+        n = (x.input_ids if x.input_ids is not None else x.inputs_embeds).shape[1]
+        keep = keep_mask(x.attention_mask)
         bias = None
         if keep is not None:
-            bias = additive_key_bias(keep, b, L, self.input_embeddings().weight.dtype, ref.device)
-        out = self.body(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
-                        position_ids=positions, past_key_values=transformers_cache(cache, start), use_cache=False)
+            bias = additive_key_bias(keep, x.B, x.L, self.input_embeddings().weight.dtype, x.device)
+        out = self.body(**x.model_kwargs(), attention_mask=bias, position_ids=self._positions(x)[:, start:start + n],
+                        past_key_values=transformers_cache(cache, start), use_cache=False)
         return self.head(out[0][:, lo:hi])
 
 
