@@ -1,9 +1,9 @@
 """Eager baselines that benchmarks and tests measure evofast against.
 
 `authors_step` is the authors' per-step post-processing as their batch-1 loop
-runs it (spec section 4): float64 softmax and top-k over every row of the
+runs it (docs/semantics.md): float64 softmax and top-k over every row of the
 whole sequence, full-size temporaries, a Python loop over batch rows. It
-mutates the logits like the authors' code does (the temperature-0 QUIRK), so
+mutates the logits like the authors' code does (the temperature-0 quirk), so
 callers pass a tensor they own. `needed_rows_step` is the best plain eager
 PyTorch for the same step on only the window rows (what `torch.compile` is
 given in the benchmarks).
@@ -27,7 +27,7 @@ def authors_step(logits, x, conf, num_transfer, *, mask_id, block_start, block_e
         noisy = logits.to(torch.float64)
         noisy = noisy.exp() / (-torch.log(torch.rand_like(noisy))) ** temperature
     else:
-        noisy = logits                       # QUIRK: the -inf below lands in the logits
+        noisy = logits                       # quirk: the -inf below lands in the logits
     noisy[:, :, mask_id] = -torch.inf
     x0 = torch.argmax(noisy, dim=-1)
     p = F.softmax(logits.to(torch.float64), dim=-1)
@@ -102,7 +102,7 @@ def needed_rows_step(logits, x, conf, num_transfer, *, row0, block_start, block_
 
 
 def authors_hard_step(logits, x, num_transfer, *, mask_id, block_end, threshold=None):
-    """The authors' `get_transfer_index` at temperature 0, batch 1 (the -inf lands in the logits: QUIRK)."""
+    """The authors' `get_transfer_index` at temperature 0, batch 1 (the -inf lands in the logits: a quirk)."""
     M = mask_id
     mask_index = x == M
     mask_index[:, block_end:] = False

@@ -5,7 +5,7 @@ each step (one `TraceStep` per model forward): the token record `x`, the
 confidence record, the representation the next forward reads (its ids and
 weights), the position's state and the model's top-k prediction at that step.
 
-States (spec/evotoken.md section 1), by the representation the next forward reads:
+States, by the representation the next forward reads:
 
     mask       x = M, plain E[M]            (before the first forward; mask tokens of the prompt)
     soft-mask  x = M, soft: top-k + E[M]    (Soft(MASK u V))
@@ -13,24 +13,31 @@ States (spec/evotoken.md section 1), by the representation the next forward read
     decoded    x decoded, plain E[x]        ([Decode]; the prompt too)
 
 `to_html(trace, tokenizer=None, path=None)` renders one self-contained page
-(inline CSS and JavaScript, no network): per batch row, a grid of steps x
-positions coloured by state with the intensity of the confidence (decoded) or of
-the top-1 probability (masked / soft), the top-k on hover, and a step slider over
-the text.
+(no network): per batch row, a grid of steps x positions coloured by state with
+the intensity of the confidence (token chosen) or of the top-1 probability
+(masked), rings on the positions whose token was chosen or revised at that step,
+the top-k on hover, and a step slider over the text. The page's template, style
+sheet and scripts are package data (evofast/trace_page), inlined into the page:
+view.js draws steps as they come (the live `evofast demo` page draws with it
+too, fed by `row_start`, `step_payload`, `page_meta` and `page_vocab`), page.js
+hands it a finished trace.
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
-import math
+import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Trace", "TraceStep", "to_html", "STATE_NAMES", "MASK", "SOFT_MASK", "SOFT", "DECODED"]
+__all__ = ["Trace", "TraceStep", "to_html", "record_step", "STATE_NAMES", "MASK", "SOFT_MASK", "SOFT", "DECODED",
+           "row_start", "step_payload", "page_meta", "page_vocab", "page_asset", "token_text"]
 
 MASK, SOFT_MASK, SOFT, DECODED = 0, 1, 2, 3
 STATE_NAMES = ("mask", "soft-mask", "soft", "decoded")
@@ -104,6 +111,44 @@ class Trace:
         return to_html(self, tokenizer, path, title=title, rows=rows)
 
 
+def record_step(step: int, rows: list, block: list, window: tuple, x: Tensor, conf: Tensor,
+                rep_ids: Optional[Tensor], rep_w: Optional[Tensor], mask_id: int, k: int, records: list, *,
+                lg: Optional[Tensor] = None, temperature: float = 0.0) -> TraceStep:
+    """A TraceStep of the state after a step of the batch rows `rows` (CPU copies). `lg`: their
+    window logits, (len(rows), R, V) from row window[0]; None before the first forward. `records`:
+    the steps recorded so far (the last one gives the transfers)."""
+    B, L = x.shape
+    M, row0 = mask_id, window[0]
+    xc = x.detach().to("cpu").clone()
+    if rep_w is None:
+        rid = torch.zeros(B, L, k + 1, dtype=torch.long)
+        rid[..., k] = xc
+        rw = torch.zeros(B, L, k + 1, dtype=torch.float32)
+        rw[..., k] = 1
+    else:
+        rid = rep_ids.detach().to("cpu").clone()
+        rw = rep_w.detach().to("cpu", torch.float32)
+    topk_ids = torch.full((B, L, k), -1, dtype=torch.long)
+    topk_p = torch.full((B, L, k), float("nan"), dtype=torch.float32)
+    transfer = torch.zeros(B, L, dtype=torch.bool)
+    if lg is not None:                                           # row by row: no (B, R, V) temporaries
+        R = lg.shape[1]
+        for j, r in enumerate(rows):
+            lr = lg[j].float()
+            if temperature == 0:                                 # as the step: M out of the softmax
+                lr = lr.clone()
+                lr[:, M] = -torch.inf
+            top, ti = lr.topk(k, dim=-1)
+            tp = (top - torch.logsumexp(lr, dim=-1, keepdim=True)).exp()
+            topk_ids[r, row0:row0 + R] = ti.cpu()
+            topk_p[r, row0:row0 + R] = tp.cpu()
+        transfer = (records[-1].x == M) & (xc != M)
+    state = state_of(xc, None if rep_w is None else rw, M)
+    return TraceStep(step=step, rows=list(rows), block=list(block), window=tuple(window), x=xc,
+                     conf=conf.detach().to("cpu").clone(), state=state, rep_ids=rid, rep_w=rw, transfer=transfer,
+                     topk_ids=topk_ids, topk_p=topk_p)
+
+
 def state_of(x: Tensor, rep_w: Optional[Tensor], mask_id: int) -> Tensor:
     """(B, L) uint8 states from the token record and the representation weights (None: all plain)."""
     masked = x == mask_id
@@ -116,7 +161,28 @@ def state_of(x: Tensor, rep_w: Optional[Tensor], mask_id: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- HTML
-def _token_text(tokenizer, tid: int, mask_id: int) -> str:
+_SLOT = re.compile(r"__(TITLE|CSS|JS|DATA)__")
+
+
+@functools.lru_cache(maxsize=1)
+def _page_parts() -> dict:
+    """The page template, the stylesheet and the script it inlines (package data in evofast/trace_page:
+    view.js draws steps, page.js draws a finished trace with it; `evofast demo` serves view.js too)."""
+    parts = {key: page_asset(name) for key, name in (("HTML", "page.html"), ("CSS", "page.css"))}
+    parts["JS"] = page_asset("view.js") + "\n" + page_asset("page.js")
+    for key in ("CSS", "JS"):                   # inlined: they must not end their element early
+        if re.search(r"</(script|style)", parts[key], re.I):
+            raise RuntimeError(f"evofast/trace_page: the {key.lower()} file contains a closing </script> or </style>")
+    return parts
+
+
+def page_asset(name: str) -> str:
+    """The text of a file of the trace page's package data (evofast/trace_page/NAME)."""
+    return (resources.files("evofast") / "trace_page" / name).read_text(encoding="utf-8")
+
+
+def token_text(tokenizer, tid: int, mask_id: int) -> str:
+    """How the page shows token `tid`: [M] for the mask, the tokenizer's text, else the id."""
     if tid == mask_id:
         return "[M]"
     if tokenizer is None:
@@ -132,45 +198,70 @@ def _token_text(tokenizer, tid: int, mask_id: int) -> str:
     return str(tid)
 
 
-def _r(v: float, nd: int = 4):
-    return None if (v is None or math.isnan(v)) else round(float(v), nd)
+def _rounded(t: Tensor, nd: int = 4) -> list:
+    """t's values rounded to nd decimals, as (nested) lists; rounded by torch, as Python's round
+    is slow enough to dominate a live page's steps."""
+    return t.double().mul(10 ** nd).round().div(10 ** nd).tolist()
+
+
+def _none_if_nan(v: float):
+    return None if v != v else v
+
+
+def row_start(first: TraceStep, b: int, pad: int, prompt_length: int, mask_id: int) -> dict:
+    """What the page knows of batch row `b` (with `pad` left pads) from the record before the first
+    forward: the first position its grid shows (the prompt's first mask token, else the first
+    generated position) and the prompt tokens before it."""
+    x0 = first.x[b]
+    prompt_masks = (x0[pad:prompt_length] == mask_id).nonzero().flatten()
+    lo = pad + int(prompt_masks[0]) if prompt_masks.numel() else prompt_length
+    return {"row": b, "pad": pad, "first": lo, "prompt": x0[pad:lo].tolist()}
+
+
+def step_payload(rec: TraceStep, b: int, lo: int, used: set) -> dict:
+    """One step of batch row `b` as the page draws it: positions [lo, L) (`row_start`'s "first");
+    every token id it names is added to `used` (the page's vocabulary)."""
+    x = rec.x[b, lo:].tolist()
+    used.update(x)
+    tid = rec.topk_ids[b, lo:].tolist()
+    tp = _rounded(rec.topk_p[b, lo:])
+    for ids in tid:
+        used.update(i for i in ids if i >= 0)
+    rid = rec.rep_ids[b, lo:].tolist()
+    rw = _rounded(rec.rep_w[b, lo:])
+    for ids, ws in zip(rid, rw):
+        used.update(i for i, w in zip(ids, ws) if w > 0)
+    return {
+        "step": rec.step,
+        "block": int(rec.block[b]) if rec.block else -1,
+        "window": list(rec.window),
+        "x": x,
+        "conf": [_none_if_nan(c) for c in _rounded(rec.conf[b, lo:])],
+        "state": rec.state[b, lo:].tolist(),
+        "transfer": [int(t) for t in rec.transfer[b, lo:].tolist()],
+        "topk": [[[i, _none_if_nan(p)] for i, p in zip(ids, ps) if i >= 0] for ids, ps in zip(tid, tp)],
+        "rep": [[[i, w] for i, w in zip(ids, ws) if w > 0] for ids, ws in zip(rid, rw)],
+    }
+
+
+def page_meta(trace: Trace) -> dict:
+    """The settings the page shows (and the state names it colours)."""
+    return {"mode": trace.mode, "mask_id": trace.mask_id, "prompt_length": trace.prompt_length,
+            "gen_length": trace.gen_length, "block_length": trace.block_length,
+            "steps_per_block": trace.steps_per_block, "k_soft": trace.k_soft, "alpha": trace.alpha,
+            "forwards": trace.num_steps, "states": list(STATE_NAMES)}
+
+
+def page_vocab(tokenizer, ids, mask_id: int) -> dict:
+    """id (as a string) -> the text the page shows for it."""
+    return {str(i): token_text(tokenizer, int(i), mask_id) for i in sorted(ids)}
 
 
 def _row_payload(trace: Trace, b: int, used: set) -> dict:
-    P, L = trace.prompt_length, trace.prompt_length + trace.gen_length
-    first = trace.records[0]
-    x0 = first.x[b]
-    pad = int(trace.pad[b])
-    prompt_masks = (x0[pad:P] == trace.mask_id).nonzero().flatten()
-    lo = pad + int(prompt_masks[0]) if prompt_masks.numel() else P        # first position shown in the grid
-    steps = []
-    for rec in trace.records:
-        if rec.step >= 0 and b not in rec.rows:
-            continue
-        x = rec.x[b, lo:L].tolist()
-        used.update(x)
-        tid = rec.topk_ids[b, lo:L].tolist()
-        tp = rec.topk_p[b, lo:L].tolist()
-        for ids in tid:
-            used.update(i for i in ids if i >= 0)
-        rid = rec.rep_ids[b, lo:L].tolist()
-        rw = rec.rep_w[b, lo:L].tolist()
-        steps.append({
-            "step": rec.step,
-            "block": int(rec.block[b]) if rec.block else -1,
-            "window": list(rec.window),
-            "x": x,
-            "conf": [_r(c) for c in rec.conf[b, lo:L].tolist()],
-            "state": rec.state[b, lo:L].tolist(),
-            "transfer": [int(t) for t in rec.transfer[b, lo:L].tolist()],
-            "topk": [[[i, _r(p)] for i, p in zip(ids, ps) if i >= 0] for ids, ps in zip(tid, tp)],
-            "rep": [[[i, _r(w)] for i, w in zip(ids, ws) if w and w > 0] for ids, ws in zip(rid, rw)],
-        })
-        for ids, ws in zip(rid, rw):
-            used.update(i for i, w in zip(ids, ws) if w and w > 0)
-    prompt = x0[pad:lo].tolist()
-    used.update(prompt)
-    return {"row": b, "pad": pad, "first": lo, "prompt": prompt, "steps": steps}
+    start = row_start(trace.records[0], b, int(trace.pad[b]), trace.prompt_length, trace.mask_id)
+    used.update(start["prompt"])
+    steps = [step_payload(rec, b, start["first"], used) for rec in trace.records if rec.step < 0 or b in rec.rows]
+    return {**start, "steps": steps}
 
 
 def to_html(trace: Trace, tokenizer=None, path=None, *, title: Optional[str] = None, rows=None) -> str:
@@ -190,194 +281,14 @@ def to_html(trace: Trace, tokenizer=None, path=None, *, title: Optional[str] = N
             raise ValueError(f"rows: {r} is not a batch row of this trace (B = {trace.batch_size})")
     used: set = set()
     rows = [_row_payload(trace, b, used) for b in shown]
-    vocab = {str(i): _token_text(tokenizer, int(i), trace.mask_id) for i in sorted(used)}
-    meta = {"mode": trace.mode, "mask_id": trace.mask_id, "prompt_length": trace.prompt_length,
-            "gen_length": trace.gen_length, "block_length": trace.block_length,
-            "steps_per_block": trace.steps_per_block, "k_soft": trace.k_soft, "alpha": trace.alpha,
-            "forwards": trace.num_steps, "states": list(STATE_NAMES)}
+    vocab = page_vocab(tokenizer, used, trace.mask_id)
+    meta = page_meta(trace)
     data = json.dumps({"meta": meta, "vocab": vocab, "rows": rows}, separators=(",", ":"))
-    data = data.replace("</", "<\\/")           # nothing in the JSON can close the <script> element
+    data = data.replace("<", "\\u003c")        # no token text can close or comment out the <script> element
     title = title or f"evofast generate trace ({trace.mode})"
-    page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
+    parts = dict(_page_parts(), TITLE=html.escape(title), DATA=data)
+    page = _SLOT.sub(lambda m: parts[m.group(1)], parts["HTML"])      # one pass: nothing inserted is re-read
     if path is not None:
         Path(path).write_text(page, encoding="utf-8")
     return page
 
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>__TITLE__</title>
-<style>
-body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.2em; color: #222; }
-h1 { font-size: 1.3em; margin: 0 0 .3em; }
-h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
-.meta { color: #555; margin-bottom: .6em; }
-.legend span.sw { display: inline-block; width: 1.1em; height: 1.1em; vertical-align: middle; margin: 0 .3em 0 .9em;
-  border-radius: 2px; border: 1px solid #0002; }
-.prompt { white-space: pre-wrap; background: #f3f3f3; padding: .4em .6em; border-radius: 4px; }
-.text { white-space: pre-wrap; font-family: ui-monospace, Menlo, Consolas, monospace; line-height: 1.9; }
-.text .tok { padding: 1px 1px; border-radius: 3px; margin-right: 1px; }
-.controls { margin: .5em 0; }
-.controls input[type=range] { width: 40em; max-width: 70vw; vertical-align: middle; }
-.gridwrap { overflow: auto; max-height: 70vh; border: 1px solid #ddd; }
-table.grid { border-collapse: collapse; font: 10px ui-monospace, Menlo, Consolas, monospace; }
-table.grid td, table.grid th { padding: 0; }
-table.grid th { position: sticky; top: 0; background: #fff; font-weight: normal; color: #777; min-width: 14px; }
-table.grid th.stepno { position: sticky; left: 0; z-index: 2; }
-table.grid td.stepno { position: sticky; left: 0; background: #fff; color: #777; padding-right: 4px; text-align: right; }
-td.cell { width: 14px; height: 14px; min-width: 14px; border: 1px solid #fff; cursor: default; }
-td.cell.blk { border-left: 2px solid #333; }
-td.cell.tr { outline: 2px solid #000; outline-offset: -2px; }
-tr.sel td.stepno { background: #ffe08a; }
-#tip { position: fixed; pointer-events: none; background: #222; color: #eee; padding: .45em .6em; border-radius: 4px;
-  font: 12px ui-monospace, Menlo, Consolas, monospace; white-space: pre; display: none; z-index: 10; max-width: 40em; }
-</style>
-</head>
-<body>
-<h1>__TITLE__</h1>
-<div class="meta" id="meta"></div>
-<div class="legend" id="legend"></div>
-<div id="rows"></div>
-<div id="tip"></div>
-<script type="application/json" id="trace-data">__DATA__</script>
-<script>
-(function () {
-  "use strict";
-  const D = JSON.parse(document.getElementById("trace-data").textContent);
-  const M = D.meta, V = D.vocab;
-  const HUE = [0, 275, 35, 135];            // mask, soft-mask, soft, decoded
-  const tok = (i) => (V[String(i)] !== undefined ? V[String(i)] : String(i));
-  const show = (s) => JSON.stringify(s).slice(1, -1);
-  function colour(state, c) {
-    c = (c === null || c === undefined || isNaN(c)) ? 0 : Math.max(0, Math.min(1, c));
-    if (state === 0) return "hsl(0, 0%, 80%)";
-    const light = 92 - 50 * c;
-    return "hsl(" + HUE[state] + ", " + (state === 3 ? 55 : 75) + "%, " + light + "%)";
-  }
-  function strength(s, j) {            // confidence when decoded, else the top-1 probability
-    if (s.state[j] === 3 || s.state[j] === 2) return s.conf[j] || (s.topk[j][0] ? s.topk[j][0][1] : 0);
-    return s.topk[j][0] ? s.topk[j][0][1] : 0;
-  }
-  let CMAX = 1e-9;                      // colours are relative to the most confident value on the page
-  D.rows.forEach((row) => row.steps.forEach((s) => s.x.forEach((_, j) => { CMAX = Math.max(CMAX, strength(s, j)); })));
-  const shade = (s, j) => colour(s.state[j], Math.sqrt(strength(s, j) / CMAX));
-  const el = (tag, attrs, text) => {
-    const e = document.createElement(tag);
-    for (const k in (attrs || {})) e.setAttribute(k, attrs[k]);
-    if (text !== undefined) e.textContent = text;
-    return e;
-  };
-  document.getElementById("meta").textContent =
-    "mode " + M.mode + " | gen_length " + M.gen_length + " | block_length " + M.block_length +
-    " | steps per block " + M.steps_per_block + " | k_soft " + M.k_soft + " | alpha " + M.alpha +
-    " | prompt width " + M.prompt_length + " | " + M.forwards + " forwards | mask id " + M.mask_id;
-  const legend = document.getElementById("legend");
-  legend.appendChild(document.createTextNode("state:"));
-  M.states.forEach((name, s) => {
-    const sw = el("span", {class: "sw"}); sw.style.background = colour(s, 0.75);
-    legend.appendChild(sw); legend.appendChild(document.createTextNode(name));
-  });
-  legend.appendChild(document.createTextNode("  (darker = more confident: confidence once decoded, else top-1 probability, " +
-    "relative to the page's highest, " + CMAX.toFixed(3) + "; outlined = decoded at that step; hover a cell for the top-k)"));
-  const tip = document.getElementById("tip");
-  function describe(row, s, j) {
-    const pos = row.first + j;
-    let t = "position " + pos + " (gen " + (pos - M.prompt_length) + ")  step " + s.step +
-            (s.block >= 0 ? "  block " + s.block : "") + "\\nstate " + M.states[s.state[j]] +
-            "  x = " + (s.x[j] === M.mask_id ? "[M]" : '"' + show(tok(s.x[j])) + '" (' + s.x[j] + ")") +
-            "  confidence " + (s.conf[j] === null ? "-" : s.conf[j].toFixed(4)) +
-            (s.transfer[j] ? "  decoded now" : "");
-    if (s.topk[j].length) {
-      t += "\\ntop-" + s.topk[j].length + " prediction:";
-      s.topk[j].forEach(([i, p]) => { t += "\\n  " + (p === null ? "-" : p.toFixed(4)) + '  "' + show(tok(i)) + '" (' + i + ")"; });
-    }
-    if (s.rep[j].length && !(s.rep[j].length === 1 && s.rep[j][0][1] === 1)) {
-      t += "\\nnext input (soft weights):";
-      s.rep[j].forEach(([i, w]) => { t += "\\n  " + w.toFixed(4) + '  "' + show(tok(i)) + '" (' + i + ")"; });
-    }
-    return t;
-  }
-  function text(row, s, into) {
-    into.textContent = "";
-    s.x.forEach((x, j) => {
-      const span = el("span", {class: "tok"}, x === M.mask_id ? "\\u2591" : tok(x));
-      span.style.background = shade(s, j);
-      span.dataset.j = j;
-      into.appendChild(span);
-    });
-  }
-  const root = document.getElementById("rows");
-  D.rows.forEach((row) => {
-    const sec = el("section", {class: "row", "data-row": row.row});
-    sec.appendChild(el("h2", {}, "batch row " + row.row + (row.pad ? " (" + row.pad + " pad token" + (row.pad > 1 ? "s" : "") + ")" : "")));
-    sec.appendChild(el("div", {class: "prompt"}, row.prompt.map(tok).join("")));
-    const controls = el("div", {class: "controls"});
-    const label = el("span", {});
-    const slider = el("input", {type: "range", min: 0, max: row.steps.length - 1, value: row.steps.length - 1});
-    controls.appendChild(el("span", {}, "step "));
-    controls.appendChild(slider);
-    controls.appendChild(label);
-    sec.appendChild(controls);
-    const txt = el("div", {class: "text"});
-    sec.appendChild(txt);
-    const wrap = el("div", {class: "gridwrap"});
-    const table = el("table", {class: "grid"});
-    const head = el("tr", {});
-    head.appendChild(el("th", {class: "stepno"}, "step"));
-    const ncol = row.steps[0].x.length;
-    for (let j = 0; j < ncol; j++) {
-      const pos = row.first + j;
-      head.appendChild(el("th", {}, (pos - M.prompt_length) % 8 === 0 ? String(pos - M.prompt_length) : ""));
-    }
-    table.appendChild(head);
-    const trs = [];
-    row.steps.forEach((s, si) => {
-      const tr = el("tr", {"data-step": s.step});
-      tr.appendChild(el("td", {class: "stepno"}, s.step < 0 ? "init" : String(s.step)));
-      for (let j = 0; j < ncol; j++) {
-        const pos = row.first + j;
-        let cls = "cell";
-        if (pos >= M.prompt_length && (pos - M.prompt_length) % M.block_length === 0) cls += " blk";
-        if (s.transfer[j]) cls += " tr";
-        const td = el("td", {class: cls, "data-pos": pos, "data-state": M.states[s.state[j]]});
-        td.style.background = shade(s, j);
-        td.addEventListener("mouseenter", () => { tip.textContent = describe(row, s, j); tip.style.display = "block"; });
-        td.addEventListener("mousemove", (ev) => {
-          tip.style.left = Math.min(ev.clientX + 14, window.innerWidth - tip.offsetWidth - 8) + "px";
-          tip.style.top = Math.min(ev.clientY + 14, window.innerHeight - tip.offsetHeight - 8) + "px";
-        });
-        td.addEventListener("mouseleave", () => { tip.style.display = "none"; });
-        td.addEventListener("click", () => { slider.value = si; update(); });
-        tr.appendChild(td);
-      }
-      trs.push(tr);
-      table.appendChild(tr);
-    });
-    wrap.appendChild(table);
-    sec.appendChild(wrap);
-    function update() {
-      const si = Number(slider.value), s = row.steps[si];
-      label.textContent = "  " + (s.step < 0 ? "before the first forward" : "after step " + s.step +
-        (s.block >= 0 ? " (block " + s.block + ")" : ""));
-      text(row, s, txt);
-      trs.forEach((tr, k) => tr.classList.toggle("sel", k === si));
-    }
-    txt.addEventListener("mouseover", (ev) => {
-      const j = ev.target.dataset ? ev.target.dataset.j : undefined;
-      if (j === undefined) return;
-      tip.textContent = describe(row, row.steps[Number(slider.value)], Number(j)); tip.style.display = "block";
-    });
-    txt.addEventListener("mousemove", (ev) => { tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 14) + "px"; });
-    txt.addEventListener("mouseout", () => { tip.style.display = "none"; });
-    slider.addEventListener("input", update);
-    update();
-    root.appendChild(sec);
-  });
-  document.body.setAttribute("data-rendered", "1");
-})();
-</script>
-</body>
-</html>
-"""

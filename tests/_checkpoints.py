@@ -8,18 +8,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<bos>Q: {{ m['content'] }}\n{% endfor %
 
 
 def save_char_tokenizer(path, chat_template=None):
-    """A transformers fast tokenizer with the tiny model's character vocabulary, saved to `path`."""
-    from tokenizers import Tokenizer, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from evofast.models.tiny_tokenizer import CharTokenizer
-    ct = CharTokenizer()
-    vocab = {t: i for i, t in enumerate(ct.tokens)}
-    inner = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    # like LLaMA-style tokenizers, it puts a BOS in front of every text it encodes
-    inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<eos>", mask_token="<mask>")
+    """The tiny model's character tokenizer (a transformers tokenizer that puts a BOS in front of every
+    text it encodes, as LLaMA-style ones do), with an optional chat template, saved to `path`."""
+    from evofast.char_tokenizer import tiny_tokenizer
+    tok = tiny_tokenizer()
     if chat_template:
         tok.chat_template = chat_template
     tok.save_pretrained(path)

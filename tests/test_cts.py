@@ -202,13 +202,68 @@ def test_cts_loss_bad_input():
         cts.cts_loss("not a model", batch)
 
 
-def test_model_without_the_needed_embeddings_is_a_type_error():
-    from transformers import BertConfig, BertForMaskedLM
-    bert = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      intermediate_size=64))
-    batch = _collator()(_examples([(40, 8)]))
-    with pytest.raises(TypeError, match="CTS training"):
-        cts.cts_loss(bert, batch, mask_id=M)
+def test_model_whose_adapter_has_no_output_head_is_a_type_error(monkeypatch):
+    """An adapter that cannot split off its LM head (the base contract's default) is refused by name."""
+    from evofast.models import registry
+    from evofast.models.base import Adapter
+    from evofast.models.adapters.llada_native import LLaDANativeAdapter
+
+    class NoHead(LLaDANativeAdapter):
+        name = "no-head"
+        output_head = Adapter.output_head
+
+    monkeypatch.setitem(registry.MODEL_TYPES, "llada", (NoHead,))
+    model = llada.tiny(vocab_size=V, d_model=32, n_layers=1, n_heads=4)
+    with pytest.raises(TypeError, match="no-head adapter does not expose its output embedding: CTS training"):
+        cts.cts_loss(model, _collator()(_examples([(40, 8)])))
+
+
+# --------------------------------------------------------------------------- every adapter with a head
+HF_CASES = ("bert", "roberta", "modernbert", "qwen2", "dream")
+
+
+def _hf_model(kind):
+    import test_adapters
+    model = test_adapters._hf(kind, "sdpa")
+    return model, (None if kind == "dream" else test_adapters.MASK)
+
+
+@pytest.mark.parametrize("kind", HF_CASES)
+@pytest.mark.parametrize("lora", [True, False])
+def test_cts_loss_equals_the_eager_loss_on_every_adapter(kind, lora):
+    """Dream / Qwen2 and the BERT-like MLMs: the fused loss (backward per step) gives the eager
+    loss and its gradients, LoRA on the default attention projections or every parameter (BERT's
+    and ModernBERT's tied embedding gets both the soft-embedding and the head gradient)."""
+    from peft import LoraConfig, get_peft_model
+
+    import test_adapters
+    from evofast.cts.lora import default_lora_targets
+    base, mask_id = _hf_model(kind)
+    get_adapter(base, mask_id)
+    model = base
+    if lora:
+        targets = default_lora_targets(base)
+        assert targets == {"bert": ["query", "key", "value"], "roberta": ["query", "key", "value"],
+                           "modernbert": ["Wqkv"]}.get(kind, ["q_proj", "k_proj", "v_proj"])
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    model.eval()                                                    # BERT's dropout off: both paths see one model
+    M_ = get_adapter(base).mask_id
+    col = cts.CTSCollator(M_, 2, K=3, per_de_nums=(1, 2), block_sizes=(12,), max_length=36, extra_pad_prob=0.0,
+                          generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(5)
+    exs = [{"input_ids": torch.randint(3, test_adapters.V - 1, (n,), generator=g), "prompt_length": p}
+           for n, p in ((30, 6), (26, 9))]
+    batch = col(exs)
+    alphas = 0.5 + 0.5 * torch.rand(3, 2, generator=g)
+    ref = cts.eager_cts_loss(model, batch, alphas=alphas)
+    ref.backward()
+    want = _grads(model)
+    got = cts.cts_loss(model, batch, alphas=alphas, backward=True, chunk_size=9)
+    have = _grads(model)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert want.keys() == have.keys() and len(want) >= (6 if lora else 10)
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bench_cts_providers_run_and_agree():
@@ -249,7 +304,7 @@ def test_bench_cts_gpu_build_runs_on_the_cpu(K):
                 assert F.cosine_similarity(g.flatten(), h.flatten(), dim=0) > 0.999, name
 
 
-@pytest.mark.parametrize("which", ["native", "native-tied-scaled", "remote", "remote-real"])
+@pytest.mark.parametrize("which", ["native", "native-tied-scaled", "remote", "remote-real", *HF_CASES])
 def test_adapter_hidden_states_and_output_head_give_the_forward_logits(which):
     """What cts_loss reads (hidden states + head) equals the adapter's logits, padding and all
     ("remote-real": LLaDA's own remote code, when EVOFAST_LLADA_REMOTE_DIR names it)."""
@@ -257,16 +312,36 @@ def test_adapter_hidden_states_and_output_head_give_the_forward_logits(which):
 
     if which == "remote-real" and not test_adapters.REMOTE_DIR:
         pytest.skip("EVOFAST_LLADA_REMOTE_DIR is not set (LLaDA's remote code)")
+    mask_id = None
     if which.startswith("remote"):
         model = test_adapters._remote() if which == "remote" else test_adapters._remote_real()
+    elif which in HF_CASES:
+        model, mask_id = _hf_model(which)
     else:
         extra = {"weight_tying": True, "scale_logits": True} if which == "native-tied-scaled" else {}
         model = llada.tiny(vocab_size=V, d_model=32, n_layers=2, n_heads=4, **extra)
-    ad = get_adapter(model)
-    ids = torch.randint(0, ad.vocab_size - 2, (2, 11))
+    ad = get_adapter(model, mask_id)
+    ids = torch.randint(3, ad.vocab_size - 2, (2, 11))
     am = torch.ones(2, 11, dtype=torch.long)
     am[1, :3] = 0
     with torch.no_grad():
         h = ad.hidden_states(input_ids=ids, attention_mask=am)
         w, b, scale = ad.output_head()
         torch.testing.assert_close(F.linear(h, w, b) * scale, ad.forward(input_ids=ids, attention_mask=am))
+
+
+def test_bench_cts_per_layer_activations_and_the_8b_table():
+    """The per-layer activation figure scales with the tokens of a step, and the per-GPU table of an
+    8B step is built from it (8.0 B parameters, LoRA r 128 on q / k / v: 101 M)."""
+    import dataclasses
+
+    from evofast.bench import cts as bench_cts
+    small = dataclasses.replace(bench_cts.SHAPES["llada-8b-layers"], d_model=64, n_heads=4, mlp=192, seq=32,
+                                lora_r=4)
+    one = bench_cts.layer_activation_bytes(small)
+    two = bench_cts.layer_activation_bytes(dataclasses.replace(small, batch=2 * small.batch))
+    assert one > 10 * small.batch * small.seq * small.d_model * 4 and abs(two / one - 2) < 0.1
+    table = bench_cts.per_gpu_needs(548 * 2**20)
+    assert round(table["parameters"] / 1e9, 2) == 8.02 and round(table["lora_parameters"] / 1e6) == 101
+    for row in table["rows"]:
+        assert row["total_evofast, checkpointing_gb"] < row["total_evofast_gb"] < row["total_eager_gb"]

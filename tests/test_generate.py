@@ -364,7 +364,7 @@ def test_other_adapters_batch_rows_equal_batch1_runs(kind):
 
 
 def test_trace_html_rows_and_tokenizer(model):
-    from evofast.models.tiny_tokenizer import CharTokenizer
+    from evofast.char_tokenizer import tiny_tokenizer
     M = mask_of(model)
     ids, am, _ = make_prompts([2, 5], M, seed=4, pad_id=0)
     _, trace = generate(model, ids, am, gen_length=8, block_length=4, steps=4, return_trace=True)
@@ -373,7 +373,7 @@ def test_trace_html_rows_and_tokenizer(model):
     assert '"row":1' in one and '"row":0' not in one and '"row":0' in both
     with pytest.raises(ValueError, match="rows"):
         to_html(trace, rows=[2])
-    named = to_html(trace, CharTokenizer())                     # ids the tokenizer lacks fall back cleanly
+    named = to_html(trace, tiny_tokenizer())                     # ids the tokenizer lacks fall back cleanly
     assert "trace-data" in named
 
 

@@ -67,7 +67,7 @@ def test_unpatch_restores_wrapper_and_model():
 # --------------------------------------------------------------------------- the command line
 
 def _generate(capsys, *args):
-    from evofast import cli_generate
+    from evofast.cli import generate as cli_generate
     code = cli_generate.main(["--prompt", "hi", "--gen-length", "8", "--block-length", "8", "--steps", "4",
                               "--device", "cpu", *args])
     out, err = capsys.readouterr()

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evofast import cli, pretrain, tasks
-from evofast.evaluate import evaluate, wilson_interval
+from evofast import cli, tasks
+from evofast.study import pretrain
+from evofast.study.evaluate import evaluate, wilson_interval
 
 MICRO = ["--d-model", "32", "--layers", "2", "--heads", "2", "--batch-size", "32", "--threads", "1"]
 RESULT_KEYS = {"task", "n", "correct", "accuracy", "ci95", "mode", "cache", "steps", "gen_length", "block_length",
@@ -116,7 +117,7 @@ def test_eval_cli_json_schema(micro_dir, tmp_path, capsys):
 
 
 def test_eval_batches_do_not_change_results(micro_dir):
-    from evofast.cli_eval import load_model_and_task
+    from evofast.evaluation import load_model_and_task
 
     model, tok, task = load_model_and_task(micro_dir, None, torch.device("cpu"))
     exs = task.test_set(9, seed=0)

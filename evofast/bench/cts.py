@@ -20,10 +20,19 @@ timed steps. A CUDA OOM is
 recorded as "OOM". `check` compares the two losses and LoRA gradients.
 
 Shapes: tiny (V 1000, d_model 32, seq 64: seconds), cpu (V 126464, d_model 64,
-2 layers, seq 256, batch 2, K 4, LoRA r 8: issue 6's CPU target, >= 2x faster and
-<= half the peak memory), llada-8b (LLaDA-8B layers, bf16 weights built on the
-meta device then materialised on the GPU, LoRA r 128, seq 1024, batch 2, K 4,
+2 layers, seq 256, batch 2, K 4, LoRA r 8: >= 2x faster and <= half the peak
+memory), llada-8b-layers (two LLaDA-8B layers at full width, d_model 4096, 32
+heads, MLP 12288, V 126464, fp32, seq 1024, batch 2, K 4, LoRA r 128 on q / k / v:
+the real width on the CPU; about a teraflop of LM-head work per trajectory step,
+so minutes a step; one warm-up step gives the peak and one step the time, in the
+same process per provider), llada-8b (all 32 LLaDA-8B layers, bf16 weights built on
+the meta device then materialised on the GPU, LoRA r 128, seq 1024, batch 2, K 4,
 gradient checkpointing: GPU only).
+
+With llada-8b-layers the JSON also holds what autograd keeps per LLaDA-8B layer
+for one trajectory step (saved-tensor hooks on one full-width layer) and, computed
+from it, what an 8B CTS step needs per GPU under DDP + LoRA, ZeRO-2 with CPU
+offload and FSDP (`per_gpu_needs`).
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -69,8 +79,12 @@ class CTSShape:
 SHAPES = {
     "tiny": CTSShape("tiny", 1000, 32, 2, 4, None, 64, 16, 2, 4, 8, "fp32", False, 5),
     "cpu": CTSShape("cpu", 126464, 64, 2, 4, None, 256, 64, 2, 4, 8, "fp32", False, 3),
+    "llada-8b-layers": CTSShape("llada-8b-layers", 126464, 4096, 2, 32, 12288, 1024, 128, 2, 4, 128, "fp32", False,
+                                1),
     "llada-8b": CTSShape("llada-8b", 126464, 4096, 32, 32, 12288, 1024, 128, 2, 4, 128, "bf16", True, 3),
 }
+#: shapes measured in one pass per provider: the warm-up step's peak memory, one timed step
+ONE_PASS = ("llada-8b-layers",)
 
 
 # --------------------------------------------------------------------------- one provider (child process)
@@ -80,7 +94,7 @@ def build(shape: CTSShape, device: torch.device, seed: int = 0, fast_init: Optio
     import warnings
 
     from ..cts import CTSCollator
-    from ..cts.trainer import add_lora
+    from ..cts.lora import add_lora
     from ..models import llada
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -121,6 +135,13 @@ def step_fn(provider: str, model, batch, alphas):
     return step
 
 
+def _cpu_s() -> float:
+    """CPU seconds this process has used (user + system): a step's cost that other jobs on a shared
+    machine inflate much less than its wall time."""
+    t = os.times()
+    return t.user + t.system
+
+
 def run_provider(shape_name: str, provider: str, device: str, repeat: Optional[int], warmup: int,
                  budget: Optional[float], timed: bool = True, memory: bool = True, retry_busy: int = 0) -> dict:
     """What is measured for one provider in this process (see the module docstring)."""
@@ -129,7 +150,7 @@ def run_provider(shape_name: str, provider: str, device: str, repeat: Optional[i
     if dev.type == "cpu" and shape.name == "tiny":
         torch.set_num_threads(1)   # tiny matrices: a second thread only adds synchronisation (on a busy
                                    # machine, hundreds of times slower); the cpu shape keeps every core
-    model, batch, alphas = build(shape, dev)
+    model, batch, alphas = build(shape, dev, fast_init=True if shape.name in ONE_PASS else None)
     step = step_fn(provider, model, batch, alphas)
     oom = (torch.cuda.OutOfMemoryError,) if dev.type == "cuda" else ()
     row = {"provider": provider, "shape": shape.name}
@@ -138,15 +159,27 @@ def run_provider(shape_name: str, provider: str, device: str, repeat: Optional[i
         _common.synchronize(dev)
         # warm-up: allocates the LoRA grads and any workspace a provider keeps between
         # steps; both count, so its peak is taken too
+        t0, cpu0 = time.perf_counter(), _cpu_s()
         with _common.PeakMemory(dev) as first:
             loss = step()
+        first_s, first_cpu = time.perf_counter() - t0, _cpu_s() - cpu0
         grads = {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
-        if memory:
+        if memory and shape.name in ONE_PASS:
+            row["peak_mib"] = first.mib
+        elif memory:
             _common.synchronize(dev)
             with _common.PeakMemory(dev) as mem:
                 step()
             row["peak_mib"] = max(mem.mib, first.mib)
-        if timed:
+        if timed and shape.name in ONE_PASS:          # minutes a step: the step after the warm-up, once
+            busy, cpu0 = _common.CpuContention(), _cpu_s()
+            t0 = time.perf_counter()
+            step()
+            ms = (time.perf_counter() - t0) * 1e3
+            row.update(median_ms=ms, p20_ms=ms, p80_ms=ms, min_ms=ms, reps=1, warmup=1,
+                       other_cpu=busy.other_fraction(), first_step_ms=first_s * 1e3,
+                       cpu_s=_cpu_s() - cpu0, first_step_cpu_s=first_cpu)
+        elif timed:
             _common.synchronize(dev)
             t = _common.measure(step, device=dev, setup=lambda: model.zero_grad(set_to_none=False),
                                 warmup=max(0, warmup - 1), repeat=repeat if repeat else shape.repeat,
@@ -185,6 +218,78 @@ def run_in_child(spec: dict, timeout: int = 1800, grads_path: Optional[str] = No
             "note": ("OOM: " if oom else f"failed (exit {proc.returncode}): ") + " | ".join(tail)[-400:]}
 
 
+# --------------------------------------------------------------------------- an 8B step per GPU
+GB = 1e9
+
+
+def layer_activation_bytes(shape: CTSShape, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes autograd keeps for one trajectory step's backward in one LLaDA layer of `shape`'s width
+    (batch x seq tokens, LoRA on q / k / v; weights excluded, the layer's input included), measured
+    with saved-tensor hooks on a one-layer model (its final norm adds one batch x seq x d_model tensor)."""
+    from ..cts.lora import add_lora
+    from ..models import llada
+    from ..models.registry import get_adapter
+
+    cfg = llada.LLaDAConfig(vocab_size=256, embedding_size=256, d_model=shape.d_model, n_layers=1,
+                            n_heads=shape.n_heads, n_kv_heads=shape.n_heads, mlp_hidden_size=shape.mlp,
+                            max_sequence_length=max(4096, shape.seq), mask_token_id=255)
+    model = add_lora(llada.random_weights(cfg, "cpu", dtype), shape.lora_r)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+    x = torch.randn(shape.batch, shape.seq, shape.d_model, dtype=dtype, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        get_adapter(model.get_base_model()).hidden_states(inputs_embeds=x)
+    return sum(kept.values())
+
+
+def per_gpu_needs(layer_fp32: int, gpus: int = 8, batch: int = 2, seq: int = 1024, K: int = 4,
+                  lora_r: int = 128) -> dict:
+    """What one CTS optimizer step of LLaDA-8B needs per GPU (GB), computed: weights, gradients and
+    optimizer states from the 8B config's parameter counts, activations from the measured bytes per
+    layer (`layer_fp32`, halved for bf16). evofast: one trajectory step's graph alive (with gradient
+    checkpointing: each layer's input, plus one layer's graph); eager: all K graphs, each with its
+    fp32 log-softmax of every position, plus one step's fp32 logits and one row's float64 softmax."""
+    from ..models import llada
+    with torch.device("meta"):
+        model = llada.LLaDAModelLM(llada.LLaDAConfig(vocab_size=126464, embedding_size=126464))
+    cfg = model.config
+    P = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.model.transformer.blocks[0].parameters())
+    root = P - cfg.n_layers * block                                # embedding, LM head, final norm
+    lora = cfg.n_layers * 3 * lora_r * 2 * cfg.d_model             # A (r x d) + B (d x r) on q, k, v
+    L, d, V = cfg.n_layers, cfg.d_model, cfg.vocab_size
+    layer = layer_fp32 / 2                                         # bf16 activations
+    logits32 = batch * seq * V * 4
+    act = {"evofast": L * layer + batch * seq * d * 4 + 256 * 2**20,        # + fused head: grad_h, one block
+           "evofast, checkpointing": L * batch * seq * d * 2 + layer + batch * seq * d * 4 + 256 * 2**20,
+           "eager": K * (L * layer + logits32) + logits32 + seq * V * 8}
+    setups = {
+        "DDP + LoRA r128 (bf16 weights, fp32 LoRA + Adam)": {"gpu": 2 * P + 16 * lora, "cpu": 0},
+        "ZeRO-2 + CPU offload, LoRA r128 (the authors' setup)": {"gpu": 2 * P + 2 * lora, "cpu": 16 * lora},
+        f"ZeRO-2 + CPU offload, full fine-tuning, {gpus} GPUs": {"gpu": 2 * P + 2 * P / gpus + 2 * 5e8,
+                                                                "cpu": 16 * P},
+        f"FSDP2, full fine-tuning, {gpus} GPUs (fp32 shards, bf16 compute)": {
+            "gpu": 16 * P / gpus + 2 * root + 2 * 2 * block, "cpu": 0},
+    }
+    rows = []
+    for name, fixed in setups.items():
+        row = {"setup": name, "states_gb": fixed["gpu"] / GB, "cpu_gb": fixed["cpu"] / GB}
+        for kind, a in act.items():
+            row[f"activations_{kind}_gb"] = a / GB
+            row[f"total_{kind}_gb"] = (fixed["gpu"] + a) / GB
+        rows.append(row)
+    return {"parameters": P, "lora_parameters": lora, "layer_activation_fp32_bytes": layer_fp32,
+            "gpus": gpus, "batch_per_gpu": batch, "seq": seq, "K": K, "rows": rows,
+            "method": "computed: parameter counts of the LLaDA-8B config, activations per layer measured on the "
+                      "CPU (fp32, saved-tensor hooks) and halved for bf16; GPU allocator overheads not included"}
+
+
 # --------------------------------------------------------------------------- command
 COLUMNS = [("provider", "provider"), ("median_ms", "median ms"), ("p20_ms", "p20"), ("p80_ms", "p80"),
            ("speedup", "speedup"), ("peak_mib", "peak MiB"), ("mem_ratio", "memory vs eager"), ("loss", "loss")]
@@ -210,6 +315,11 @@ def targets(rows: dict, shape: CTSShape, device: torch.device) -> list:
                     "unit": "x", "met": ev["speedup"] >= 2.0})
         out.append({"what": "evofast peak memory / eager, cpu shape", "value": ev["mem_ratio"], "target": 0.5,
                     "unit": "", "met": ev["mem_ratio"] <= 0.5})
+    if shape.name == "llada-8b-layers" and ea and "median_ms" in ea:
+        out.append({"what": "evofast vs eager step time, two LLaDA-8B layers", "value": ev["speedup"],
+                    "target": 2.0, "unit": "x", "met": ev["speedup"] >= 2.0})
+        out.append({"what": "evofast peak memory / eager, two LLaDA-8B layers", "value": ev["mem_ratio"],
+                    "target": 0.4, "unit": "", "met": ev["mem_ratio"] <= 0.4})
     if shape.name == "llada-8b" and device.type == "cuda":
         if ea and ea.get("oom"):
             out.append({"what": "llada-8b: eager OOMs, evofast runs", "value": ev["peak_mib"], "target": None,
@@ -241,8 +351,8 @@ def run(args: argparse.Namespace) -> int:
                     "warmup": args.warmup, "budget": args.budget,
                     "retry_busy": args.retry_busy if args.retry_busy is not None else
                     (0 if shape.name == "tiny" else 3)}
-            if device.type == "cuda":
-                rows[provider] = run_in_child(spec, grads_path=grads)
+            if device.type == "cuda" or shape.name in ONE_PASS:
+                rows[provider] = run_in_child(spec, grads_path=grads, timeout=4 * 3600)
             else:   # the pinned mmap threshold that makes RSS honest also slows allocation: time apart
                 rows[provider] = run_in_child(dict(spec, memory=False), grads_path=grads)
                 mem = run_in_child(dict(spec, timed=False))
@@ -257,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
             check = {"loss_abs_diff": abs(rows["eager"]["loss"] - rows["evofast"]["loss"]),
                      "max_rel_grad_diff": worst, "grad_tensors": len(ga)}
     ea, ev = rows.get("eager"), rows.get("evofast")
+    if ea and ev and ea.get("cpu_s") and ev.get("cpu_s"):
+        ev["cpu_speedup"] = ea["cpu_s"] / ev["cpu_s"]
     if ea and ev and "median_ms" in ea and "median_ms" in ev:
         ev["speedup"] = ea["median_ms"] / ev["median_ms"]
         ea["speedup"] = 1.0
@@ -269,13 +381,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"check: |loss eager - evofast| = {check['loss_abs_diff']:.3g}, max LoRA gradient difference "
               f"{check['max_rel_grad_diff']:.3g} of the largest gradient entry, over {check['grad_tensors']} tensors")
     goals = targets(rows, shape, device)
+    scale = None
+    if shape.name in ONE_PASS:
+        layer = layer_activation_bytes(shape)
+        scale = per_gpu_needs(layer, batch=shape.batch, seq=shape.seq, K=shape.K, lora_r=shape.lora_r)
+        print(f"per LLaDA-8B layer and trajectory step, autograd keeps {layer / 2**20:.0f} MiB (fp32); an 8B CTS "
+              "step per GPU (computed, GB):", file=sys.stderr)
+        for r in scale["rows"]:
+            print(f"  {r['setup']}: evofast {r['total_evofast_gb']:.1f} (checkpointing "
+                  f"{r['total_evofast, checkpointing_gb']:.1f}), eager {r['total_eager_gb']:.1f}", file=sys.stderr)
     for g in goals:
         print(f"target: {g['what']}: {_common.fmt(g['value'])}{g['unit']} (target {g['target']}) "
               f"{'met' if g['met'] else 'NOT met'}")
     if args.json:
         payload = {"schema_version": _common.SCHEMA_VERSION, "benchmark": "cts", "shape": asdict(shape),
                    "environment": _common.environment(device), "rows": list(rows.values()), "check": check,
-                   "targets": goals, "memory_method": "CUDA max_memory_allocated" if device.type == "cuda" else
+                   "targets": goals, "per_gpu_8b": scale, "memory_method": "CUDA max_memory_allocated" if device.type == "cuda" else
                    "RSS sampled every 2 ms above the start, MALLOC_MMAP_THRESHOLD_=1 MiB, fresh process; the larger of the warm-up step and a second step"}
         print(f"wrote {_common.write_json(args.json, payload)}", file=sys.stderr)
     return 0

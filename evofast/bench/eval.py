@@ -169,7 +169,7 @@ def _setup(args, device, dtype):
         model = build_model(shape, device, dtype)
         prompts = _random_prompts(shape, args.seed)
         return model, _Prompts(), _Prompts(), prompts, shape, shape.mask_id
-    from ..cli_eval import load_model_and_task
+    from ..evaluation import load_model_and_task
     from ..models.registry import get_adapter
     model, tok, task = load_model_and_task(args.model, None, device, dtype)
     n = args.examples or shape.examples

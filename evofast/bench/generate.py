@@ -110,7 +110,8 @@ def build_model(shape: GenShape, device: torch.device, dtype: torch.dtype, seed:
 
 # --------------------------------------------------------------------------- instrumentation
 class SyncTimer:
-    """Seconds spent inside the wrapped calls, each bracketed by device synchronisations."""
+    """Seconds spent inside the wrapped calls, each bracketed by device synchronisations (the
+    authors' loop takes it as its forward timer; evofast.generate takes a `StepTimer` observer)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -125,58 +126,6 @@ class SyncTimer:
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return out
-
-
-def timed_adapter(adapter, timer: SyncTimer):
-    """An Adapter that forwards to `adapter` and times its forwards (evofast.generate accepts adapters)."""
-    from ..models.base import Adapter
-
-    class _Timed(Adapter):
-        name = adapter.name
-        cache_kinds = adapter.cache_kinds
-
-        def __init__(self):
-            self.model, self.mask_id = adapter.model, adapter.mask_id
-            self.cache_lead = adapter.cache_lead
-
-        def input_embeddings(self):
-            return adapter.input_embeddings()
-
-        @property
-        def vocab_size(self):
-            return adapter.vocab_size
-
-        @property
-        def max_length(self):
-            return adapter.max_length
-
-        def cache_layout(self):
-            return adapter.cache_layout()
-
-        def forward(self, **kw):
-            return timer(adapter.forward, **kw)
-
-        def forward_cached(self, **kw):
-            return timer(adapter.forward_cached, **kw)
-
-    return _Timed()
-
-
-class timed_evo_step:
-    """Context manager: `evofast.generate`'s evo_step calls go through `timer`."""
-
-    def __init__(self, timer: SyncTimer):
-        self.timer = timer
-
-    def __enter__(self):
-        from .. import generation
-        self.orig = generation._evo_step
-        generation._evo_step = lambda *a, **k: self.timer(self.orig, *a, **k)
-        return self.timer
-
-    def __exit__(self, *exc):
-        from .. import generation
-        generation._evo_step = self.orig
 
 
 # --------------------------------------------------------------------------- one case
@@ -201,7 +150,7 @@ def bench_case(shape: GenShape, B: int, model, device: torch.device, providers: 
                seed: int = 0, modes=("evotoken",), caches=("none",), compile: bool = False) -> list:
     """Rows for batch size B: per mode, the authors' loop then every evofast provider x cache."""
     from ..cache import BlockKVCache
-    from ..generation import generate
+    from ..decode import StepTimer, generate
     from ..models.registry import get_adapter
 
     gen = torch.Generator(device="cpu").manual_seed(seed + B)
@@ -231,10 +180,11 @@ def bench_case(shape: GenShape, B: int, model, device: torch.device, providers: 
                     log(f"  {label}: skipped ({row['note']})")
                     continue
 
-                def run(timer=None, mode=mode):
-                    return torch.cat([baselines.authors_generate(model, prompts[b:b + 1], mask_id=M, timer=timer,
+                def run(probe=None, mode=mode):
+                    return torch.cat([baselines.authors_generate(model, prompts[b:b + 1], mask_id=M, timer=probe,
                                                                  mode=mode, k_soft=K_SOFT, alpha=ALPHA, **kw)
                                       for b in range(B)])
+                probe = SyncTimer(device)
             else:
                 backend = name.removeprefix("evofast-")
                 why = backend_skip_reason(backend, device)
@@ -243,15 +193,15 @@ def bench_case(shape: GenShape, B: int, model, device: torch.device, providers: 
                     log(f"  {label}: skipped ({why})")
                     continue
 
-                def run(timer=None, backend=backend, mode=mode, cache=cache):
-                    target = model if timer is None else timed_adapter(adapter, timer)
-                    return generate(target, prompts, backend=backend, mode=mode, k_soft=K_SOFT, alpha=ALPHA,
-                                    cache=None if cache == "none" else cache, compile=compile, **kw)
+                def run(probe=None, backend=backend, mode=mode, cache=cache):
+                    return generate(model, prompts, backend=backend, mode=mode, k_soft=K_SOFT, alpha=ALPHA,
+                                    cache=None if cache == "none" else cache, compile=compile,
+                                    observers=() if probe is None else (probe,), **kw)
+                probe = StepTimer(device)
             try:
-                timer, step_timer = SyncTimer(device), SyncTimer(device)
-                with _common.PeakMemory(device) as mem, timed_evo_step(step_timer):
+                with _common.PeakMemory(device) as mem:
                     t0 = time.perf_counter()
-                    outputs[(name, cache)] = run(timer)           # instrumented run (also the warm-up)
+                    outputs[(name, cache)] = run(probe)           # instrumented run (also the warm-up)
                     _common.synchronize(device)
                     total = time.perf_counter() - t0
                 t = _common.measure(run, device=device, warmup=timing["warmup"], repeat=timing["repeat"],
@@ -262,14 +212,14 @@ def bench_case(shape: GenShape, B: int, model, device: torch.device, providers: 
                 log(f"  {label}: {row['note']}")
                 continue
             row.update(t.summary())
-            forwards = timer.calls
+            forwards, forward_s = (probe.calls, probe.seconds) if name == AUTHORS else (probe.forwards, probe.forward_s)
             row["forwards"] = forwards
             row["median_s"] = t.median_ms / 1e3
             row["ms_per_step"] = t.median_ms / max(forwards, 1)
             row["tokens_per_s"] = B * shape.gen / (t.median_ms / 1e3)
-            row["outside_pct"] = 100.0 * max(total - timer.seconds, 0.0) / total
-            row["outside_ms_per_step"] = 1e3 * max(total - timer.seconds, 0.0) / max(forwards, 1)
-            row["evo_step_pct"] = 100.0 * step_timer.seconds / total if name != AUTHORS else None
+            row["outside_pct"] = 100.0 * max(total - forward_s, 0.0) / total
+            row["outside_ms_per_step"] = 1e3 * max(total - forward_s, 0.0) / max(forwards, 1)
+            row["evo_step_pct"] = 100.0 * probe.evo_step_s / total if name != AUTHORS else None
             row["peak_mib"] = mem.mib
             log(f"  {label}: {row['median_s']:.2f} s/generation, {row['ms_per_step']:.1f} ms/step, "
                 f"{row['tokens_per_s']:.1f} tokens/s, {row['outside_pct']:.1f}% outside the forward"
@@ -332,7 +282,7 @@ def _best(rows: list, B: int, mode: str, cache: str) -> Optional[dict]:
 
 
 def targets(rows: list, shape: GenShape, device: torch.device) -> list:
-    """The issues' figures against their targets (issue 4: evofast vs the authors; issue 5: the cache)."""
+    """The project's targets for whole generations (evofast vs the authors' loop; the caches)."""
     out = []
 
     def goal(what, value, target, unit="x", below=False):
@@ -487,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
               + (f"; WARNING: disturbed timings: {', '.join(busy)}" if busy else ""))
     goals = targets(rows, shape, device)
     if goals:
-        print("\ntargets (issues 4 and 5):")
+        print("\ntargets:")
         for g in goals:
             rel = "<" if g.get("below") else ">="
             print(f"  {g['what']}: {g['value']:.2f} {g['unit']} (target {rel} {g['target']:g}) "

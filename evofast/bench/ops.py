@@ -11,7 +11,7 @@ Providers:
   authors-eager   `baselines.authors_step` (the authors' post-processing: float64
                   softmax and top-k over all L rows) once per batch row, as their
                   batch-1 loop runs it. It writes -inf into column M of its logits
-                  (spec QUIRK); the untimed reset before each call restores that
+                  (a quirk); the untimed reset before each call restores that
                   column, so every call sees fresh logits at no timed cost.
   eager-rows      `baselines.needed_rows_step`: the best eager PyTorch, window rows only.
   compiled-rows   `torch.compile(needed_rows_step)` (compile time reported apart;
@@ -413,7 +413,7 @@ def render(rows: list[dict]) -> str:
 
 
 def targets(rows: list[dict], shape: Shape, device: torch.device) -> list[dict]:
-    """The figures issue 3 asks for, against their targets, from the rows measured."""
+    """The project's speed targets for one step, against the rows measured."""
     def find(provider, B):
         return next((r for r in rows if r["op"] == "evo_step" and r["provider"] == provider and r["B"] == B
                      and r.get("speedup") is not None), None)
@@ -521,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nother processes used at most {100 * other:.0f}% of the {env['cores']} cores while timing" + warn)
     goals = targets(rows, shape, device)
     if goals:
-        print("\ntargets (issue 3):")
+        print("\ntargets:")
         for g in goals:
             print(f"  {g['what']}: {g['value']:.1f} {g['unit']} (target >= {g['target']:g}) "
                   f"{'met' if g['met'] else 'NOT MET'}")

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from ..cli import keeps_torch_threads
+from ..cli.common import keeps_torch_threads
 from . import _common
 
 HELP = "trained-model quality: {base, CTS} x {hard, evotoken} x {caches} x {steps}: accuracy, tokens/s"
@@ -103,7 +103,7 @@ def _ensure_cts(args, task, base: Path) -> tuple[Optional[Path], Optional[str]]:
         return None, "CTS left out (--cts skip)"
     if args.cts:
         return Path(args.cts), None
-    if importlib.util.find_spec("evofast.cts") is None or importlib.util.find_spec("evofast.cli_train_cts") is None:
+    if importlib.util.find_spec("evofast.cts") is None or importlib.util.find_spec("evofast.cli.train_cts") is None:
         return None, "skipped: evofast.cts / evofast train-cts is not built yet"
     import hashlib
     import shlex
@@ -149,7 +149,7 @@ def _row(mode, alpha, cache, steps) -> dict:
 
 def score(model, tok, task, mode, alpha, cache, steps, args) -> dict:
     """One row: evaluate() on the fixed test set, or the reason it was skipped."""
-    from ..evaluate import evaluate
+    from ..study.evaluate import evaluate
     row = _row(mode, alpha, cache, steps)
     contention = _common.CpuContention()
     try:
@@ -208,7 +208,7 @@ def plot(rows: list, path, title: str) -> Path:
 
 @keeps_torch_threads
 def run(args: argparse.Namespace) -> int:
-    from ..cli_eval import load_model_and_task
+    from ..evaluation import load_model_and_task
     from ..tasks import parse_task
 
     for name in ("problems", "batch_size", "cts_examples", "train_steps"):

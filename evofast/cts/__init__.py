@@ -6,8 +6,11 @@
     trainer = cts.CTSTrainer(model=..., args=TrainingArguments(...), ...)
 
 `train_cts(model, tokenizer, examples, ...)` runs the whole thing (LoRA, Trainer,
-save) from Python; `evofast train-cts` wraps it. The trainer is imported lazily
-(it needs transformers / peft).
+checkpoints, resume, save) from Python; `evofast train-cts` wraps it. Modules:
+collator (noising), loss (`Trajectory`, `cts_loss`), eager (the unfused reference),
+trainer (`CTSTrainer`), distributed (DDP / FSDP2 / DeepSpeed), lora, output (where
+results go), train (`train_cts`), data. The trainer is imported lazily (it needs
+transformers / peft).
 """
 from .collator import CTSCollator
 from .data import encode_example, encode_examples, load_jsonl
@@ -19,7 +22,10 @@ __all__ = ["CTSCollator", "cts_loss", "eager_cts_loss", "CTSTrainer", "train_cts
 
 
 def __getattr__(name):
-    if name in ("CTSTrainer", "train_cts"):
-        from . import trainer
-        return getattr(trainer, name)
+    if name == "CTSTrainer":
+        from .trainer import CTSTrainer
+        return CTSTrainer
+    if name == "train_cts":
+        from .train import train_cts
+        return train_cts
     raise AttributeError(f"module 'evofast.cts' has no attribute {name!r}")

@@ -7,17 +7,33 @@ from `block_sizes`; clip `Lb` to `N - max(P)`; if `K * d >= Lb`, `Lb = K * d + 1
 Per row: block start uniform in `[P, N - Lb]` (`N - Lb` when that range is
 empty), a random permutation `perm` of the block, `m` uniform in `[0, Lb - K d]`;
 positions `st + perm[m:]` and everything after the block are masked, and
-`next[k, j] = st + perm[m + k d + j]`. Every draw comes from one `torch.Generator`
-(uniform integers as `floor(u * n)`, permutations as `argsort` of uniforms), so
-the distribution is the spec's and a seeded collator repeats itself.
+`next[k, j] = st + perm[m + k d + j]`. Uniform integers are `floor(u * n)`,
+permutations `argsort` of uniforms, so the distribution is the spec's.
+
+The two halves are separate methods: `pad` (deterministic: drops unusable examples,
+pads) and `noise(padded, generator)` (every random draw). The draws of a call come
+from a generator derived from `(seed, call number)` (`derived_generator`), not from
+one stream, so a batch's noise is a function of where it stands in the run:
+`CTSTrainer` calls `noise` itself with a generator derived from the seed and the
+optimizer step, which is what makes a resumed run draw what the uninterrupted one
+drew. A `generator` passed explicitly is used as one stream instead.
 """
 from __future__ import annotations
 
+import hashlib
 import numbers
+from collections import Counter
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+
+def derived_generator(seed: int, *key) -> torch.Generator:
+    """A CPU `torch.Generator` seeded from `(seed, *key)` by a stable hash (same key, same draws,
+    in any process and after any restart)."""
+    digest = hashlib.blake2b(repr((int(seed),) + tuple(key)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 def _positive_ints(name: str, values) -> tuple:
@@ -37,13 +53,16 @@ class CTSCollator:
     `prompt_lengths (B,)`, `block_start (B,)`, `block_end (B,)` (inclusive) and
     `next_positions (B, K, d)`, all int64 on the CPU. Unusable examples (no response
     token, longer than `max_length`, malformed) are dropped and counted in
-    `self.dropped`; a batch left empty raises ValueError.
+    `self.dropped`; a batch left empty raises ValueError. `split_usable` finds them
+    up front. Without `generator`, call i draws from `derived_generator(seed, "batch", i)`.
     """
 
     def __init__(self, mask_id: int, pad_id: int, K: int = 4, per_de_nums: Sequence[int] = (1, 2, 4, 8),
                  block_sizes: Sequence[int] = (512,), generator: Optional[torch.Generator] = None, *,
-                 max_length: Optional[int] = None, extra_pad_prob: float = 0.5, max_extra_pad: int = 10):
-        for name, v in (("mask_id", mask_id), ("pad_id", pad_id), ("K", K), ("max_extra_pad", max_extra_pad)):
+                 seed: int = 0, max_length: Optional[int] = None, extra_pad_prob: float = 0.5,
+                 max_extra_pad: int = 10):
+        for name, v in (("mask_id", mask_id), ("pad_id", pad_id), ("K", K), ("max_extra_pad", max_extra_pad),
+                        ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
                 raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
         if K < 1:
@@ -65,40 +84,46 @@ class CTSCollator:
         self.max_extra_pad = int(max_extra_pad)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.generator = generator
+        self.seed = int(seed)
+        self.calls = 0
         self.dropped = 0
 
-    # -- draws -------------------------------------------------------------------------
-    def _u(self, *shape) -> Tensor:
-        return torch.rand(shape, generator=self.generator, dtype=torch.float64)
-
-    def _randint(self, lo: Tensor, hi: Tensor) -> Tensor:
-        """Uniform integers in [lo, hi] (inclusive), elementwise."""
-        return lo + (self._u(*lo.shape) * (hi - lo + 1)).long().clamp_max(hi - lo)
-
-    def _choice(self, values: tuple) -> int:
-        return values[int(self._u(1) * len(values)) % len(values)]
-
     # -- examples ----------------------------------------------------------------------
-    def _usable(self, ex) -> Optional[tuple]:
-        """(ids (n,) int64, prompt length) or None when the example cannot be trained on."""
+    def _usable(self, ex) -> tuple:
+        """((ids (n,) int64, prompt length), None) or (None, why the example cannot be trained on)."""
         try:
             ids = ex["input_ids"]
             plen = ex["prompt_length"] if "prompt_length" in ex else ex["prompt_lengths"]
             ids = torch.as_tensor(ids).reshape(-1)
             plen = int(torch.as_tensor(plen).reshape(-1)[0]) if isinstance(plen, (Tensor, list, tuple)) else int(plen)
         except (KeyError, TypeError, ValueError, IndexError):
-            return None
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or not 0 <= plen < ids.numel():
-            return None
+            return None, "malformed"
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or plen < 0:
+            return None, "malformed"
+        if plen >= ids.numel():
+            return None, "no response token"
         if self.max_length is not None and ids.numel() > self.max_length:
-            return None
-        return ids.to(torch.int64), plen
+            return None, f"longer than max_length {self.max_length}"
+        return (ids.to(torch.int64), plen), None
 
-    def __call__(self, examples: Sequence[dict]) -> dict:
+    def split_usable(self, examples: Sequence[dict]) -> tuple:
+        """(the usable examples, Counter of the reasons the others are not), counting nothing."""
+        kept, why = [], Counter()
+        for ex in examples:
+            got, reason = self._usable(ex)
+            if got is None:
+                why[reason] += 1
+            else:
+                kept.append(ex)
+        return kept, why
+
+    def pad(self, examples: Sequence[dict]) -> dict:
+        """The deterministic half: `{"input_ids": clean ids (B, N) right-padded, "prompt_lengths": (B,)}`
+        of the usable examples (the others counted in `self.dropped`)."""
         rows = []
         for ex in examples:
-            got = self._usable(ex)
+            got, _ = self._usable(ex)
             if got is None:
                 self.dropped += 1
             else:
@@ -106,32 +131,51 @@ class CTSCollator:
         if not rows:
             raise ValueError(f"CTSCollator: every example of this batch was unusable ({len(examples)} dropped: "
                              "no response token, longer than max_length, or malformed)")
-        B = len(rows)
-        lengths = torch.tensor([r[0].numel() for r in rows])
-        P = torch.tensor([r[1] for r in rows], dtype=torch.int64)
-        N = int(lengths.max())
-        if float(self._u(1)) < self.extra_pad_prob:                       # QUIRK: extra supervised pads
-            N += 1 + int(self._u(1) * self.max_extra_pad) % self.max_extra_pad if self.max_extra_pad else 0
-            if self.max_length is not None:                               # never past what the model takes
-                N = min(N, self.max_length)
-        clean = torch.full((B, N), self.pad_id, dtype=torch.int64)
+        N = max(r[0].numel() for r in rows)
+        clean = torch.full((len(rows), N), self.pad_id, dtype=torch.int64)
         for b, (ids, _) in enumerate(rows):
             clean[b, :ids.numel()] = ids
+        return {"input_ids": clean, "prompt_lengths": torch.tensor([r[1] for r in rows], dtype=torch.int64)}
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        gen = self.generator if self.generator is not None else derived_generator(self.seed, "batch", self.calls)
+        self.calls += 1
+        return self.noise(self.pad(examples), gen)
+
+    # -- draws -------------------------------------------------------------------------
+    def noise(self, padded: dict, generator: torch.Generator) -> dict:
+        """The random half: the CTS batch of a `pad` output, every draw from `generator`."""
+        def u(*shape) -> Tensor:
+            return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+        def randint(lo: Tensor, hi: Tensor) -> Tensor:      # uniform in [lo, hi] (inclusive), elementwise
+            return lo + (u(*lo.shape) * (hi - lo + 1)).long().clamp_max(hi - lo)
+
+        def choice(values: tuple) -> int:
+            return values[int(u(1) * len(values)) % len(values)]
+
+        clean, P = padded["input_ids"], padded["prompt_lengths"]
+        B, N = clean.shape
+        if float(u(1)) < self.extra_pad_prob:                           # QUIRK: extra supervised pads
+            N += 1 + int(u(1) * self.max_extra_pad) % self.max_extra_pad if self.max_extra_pad else 0
+            if self.max_length is not None:                             # never past what the model takes
+                N = max(min(N, self.max_length), clean.shape[1])
+            clean = torch.cat([clean, clean.new_full((B, N - clean.shape[1]), self.pad_id)], dim=1)
 
         K = self.K
         fits = tuple(d for d in self.per_de_nums if K * d < N)   # the authors' code asserts; we skip such d
         if not fits:
             raise ValueError(f"K * d = {K} * {min(self.per_de_nums)} >= sequence length {N}: a block of K * d + 1 "
                              "positions does not fit; lower K or per_de_nums, or train on longer examples")
-        d = self._choice(fits)
-        Lb = min(self._choice(self.block_sizes), N - int(P.max()))
+        d = choice(fits)
+        Lb = min(choice(self.block_sizes), N - int(P.max()))
         if K * d >= Lb:
             Lb = K * d + 1
         hi = torch.full((B,), N - Lb, dtype=torch.int64)
-        st = torch.where(P >= hi, hi, self._randint(P.clamp_max(N - Lb), hi))
+        st = torch.where(P >= hi, hi, randint(P.clamp_max(N - Lb), hi))
         en = st + Lb - 1
-        perm = torch.argsort(self._u(B, Lb), dim=1)                       # a uniform permutation per row
-        m = self._randint(torch.zeros(B, dtype=torch.int64), torch.full((B,), Lb - K * d, dtype=torch.int64))
+        perm = torch.argsort(u(B, Lb), dim=1)                             # a uniform permutation per row
+        m = randint(torch.zeros(B, dtype=torch.int64), torch.full((B,), Lb - K * d, dtype=torch.int64))
         rank = torch.argsort(perm, dim=1)                                 # rank[o] = index of offset o in perm
         pos = torch.arange(N)
         offset = (pos[None, :] - st[:, None]).clamp(0, Lb - 1)

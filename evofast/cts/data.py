@@ -19,7 +19,8 @@ from ..chat import chat_text, has_template, prompt_ids
 
 
 def load_jsonl(path) -> list:
-    """Records of a JSON-lines file; each must be an object with string "prompt" and "response"."""
+    """Records of a JSON-lines file; each must be an object with string "prompt" and a non-blank
+    string "response"."""
     path = Path(path)
     records = []
     with path.open(encoding="utf-8") as f:
@@ -33,6 +34,8 @@ def load_jsonl(path) -> list:
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
                     or not isinstance(rec.get("response"), str):
                 raise ValueError(f'{path}:{n}: expected an object with string "prompt" and "response"')
+            if not rec["response"].strip():
+                raise ValueError(f'{path}:{n}: empty "response" (there is nothing to train on)')
             records.append(rec)
     if not records:
         raise ValueError(f"{path}: no records")
@@ -45,7 +48,9 @@ def _ids(tokenizer, text: str) -> list:
 
 def encode_example(tokenizer, prompt: str, response: str, *, chat: bool = True) -> dict:
     """One `{"input_ids": LongTensor (n,), "prompt_length": int}` example; the prompt's ids are
-    those `evofast generate` feeds the model (`evofast.chat.prompt_ids`)."""
+    those `evofast generate` feeds the model (`evofast.chat.prompt_ids`). A blank response is a ValueError."""
+    if not isinstance(response, str) or not response.strip():
+        raise ValueError(f"response: expected a non-blank string, got {response!r}")
     p_ids = prompt_ids(tokenizer, prompt, chat)
     if chat and has_template(tokenizer):
         head, full = chat_text(tokenizer, prompt), chat_text(tokenizer, prompt, response)

@@ -127,6 +127,93 @@ class _Trajectory:
             self.soft_w[b, p0:p1] = w[0].to(self.soft_w.dtype)
 
 
+class Trajectory:
+    """The K steps of one batch's CTS trajectory, run one at a time: `step()` runs the next
+    step's forward and returns its loss `loss_k` (differentiable), having already built the
+    next step's soft representation. Steps must run in order; what the caller does between
+    them (a backward, a gradient-sync decision) is its own. The model's weights are looked up
+    inside every step, so a step may run inside a sharding framework's forward (FSDP2 gathers
+    the root's weights for it; ZeRO-3 fetches a weight read inside a forward), where they
+    exist only for the duration of that forward. `device`: where the batch goes (default:
+    the input embedding's). Other arguments as for `cts_loss`."""
+
+    def __init__(self, model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Tensor] = None, *,
+                 generator: Optional[torch.Generator] = None, mask_id: Optional[int] = None,
+                 chunk_size: Optional[int] = None, backend: Optional[str] = None,
+                 device: Optional[torch.device] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(k_soft, bool) or not isinstance(k_soft, int) or k_soft < 1:
+            raise ValueError(f"k_soft: expected a positive int, got {k_soft!r}")
+        base = base_model(model)
+        self.adapter = adapter = get_adapter(base, mask_id)
+        emb = adapter.input_embeddings().weight
+        weight = adapter.output_head()[0]
+        dev = torch.device(device) if device is not None else emb.device
+        b = check_batch(batch, dev)
+        self.ids, labels, nxt = b["input_ids"].clone(), b["labels"], b["next_positions"]
+        B, N = self.ids.shape
+        self.K = K = nxt.shape[1]
+        V = int(getattr(weight, "ds_shape", weight.shape)[0])     # ZeRO-3 keeps the full shape in ds_shape
+        if k_soft >= V:
+            raise ValueError(f"k_soft: must be smaller than the vocabulary size {V}, got {k_soft}")
+        if bool(((labels < 0) | (labels >= V)).any()) or bool(((self.ids < 0) | (self.ids >= V)).any()):
+            raise ValueError(f"input_ids / labels: token ids must lie in [0, {V})")
+        self.alphas = draw_alphas(K, B, alphas, generator)
+        self.st_h, self.en_h = b["block_start"].tolist(), b["block_end"].tolist()
+        self.p_h, self.nxt_h = b["prompt_lengths"].tolist(), nxt.tolist()
+        pos = torch.arange(N, device=dev)[None, :]
+        self.before = pos < b["block_start"][:, None]          # [Decode] rows, never read by the LM head
+        self.tail = ~self.before                               # [block_start, N): what steps k < K - 1 read
+        self.in_block = self.tail & (pos <= b["block_end"][:, None])   # what the last step reads
+        self.block_labels = torch.where(self.in_block, labels, -100)
+        self.offsets = [0]                                     # where each row's part starts in h[tail]
+        for st in self.st_h:
+            self.offsets.append(self.offsets[-1] + N - st)
+        self.checkpointing = _checkpointing(base)
+        self.conf = torch.zeros(B, N, dtype=torch.float64, device=dev)
+        self.soft = None
+        self.k = 0
+        self.k_soft, self.chunk_size, self.backend = k_soft, chunk_size, backend
+
+    def step(self) -> Tensor:
+        """Step k's loss (fp32 scalar); k advances by one."""
+        k, K = self.k, self.K
+        if k >= K:
+            raise RuntimeError(f"Trajectory.step: all {K} steps have run")
+        adapter, dev = self.adapter, self.ids.device
+        emb = adapter.input_embeddings().weight
+        weight, bias, scale = adapter.output_head()
+        last = k == K - 1
+        if self.soft is None:
+            h = adapter.hidden_states(input_ids=self.ids)
+        else:
+            e = soft_embed(emb, self.soft[0], self.soft[1], backend=self.backend, check_ids=False)
+            if self.checkpointing and torch.is_grad_enabled() and not e.requires_grad:
+                e.requires_grad_()   # reentrant checkpointing drops parameter grads when no input needs grad
+            h = adapter.hidden_states(inputs_embeds=e)
+        rows = self.in_block if last else self.tail
+        hook = None
+        if not last:
+            B, N = self.ids.shape
+            self.ids = self.ids.clone()    # the hook writes the ids; this step's graph may hold the old ones
+            soft_ids = torch.zeros(B, N, self.k_soft + 1, dtype=torch.int64, device=dev)
+            soft_w = torch.zeros(B, N, self.k_soft + 1, dtype=emb.dtype, device=dev)
+            hook = _Trajectory(self.ids, self.conf, soft_ids, soft_w, self.st_h, self.en_h, self.p_h, self.offsets,
+                               [r[k] for r in self.nxt_h], self.alphas[k], adapter.mask_id, self.k_soft, self.backend)
+        loss_k = linear_cross_entropy(h[rows], weight, self.block_labels[rows], bias=bias, scale=scale,
+                                      chunk_size=self.chunk_size, on_logits=hook)
+        if hook is not None:
+            # rows before the block are [Decode]: weight 1 on x itself (ids updated by the hook)
+            ks = self.k_soft
+            soft_ids[..., ks] = torch.where(self.before, self.ids, soft_ids[..., ks])
+            soft_w[..., ks] = torch.where(self.before, torch.ones((), dtype=soft_w.dtype, device=dev),
+                                          soft_w[..., ks])
+            self.soft = (soft_ids, soft_w)
+        self.k += 1
+        return loss_k
+
+
 def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Tensor] = None,
              backward: bool = False, *, generator: Optional[torch.Generator] = None, grad_scale: float = 1.0,
              mask_id: Optional[int] = None, chunk_size: Optional[int] = None, backend: Optional[str] = None,
@@ -134,8 +221,8 @@ def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Te
     """The CTS loss `sum_k loss_k / K` of one collated batch (spec/evotoken.md section 3).
 
     Args:
-        model: an evofast-supported model (evofast's LLaDA or LLaDA's remote code), possibly
-            wrapped by peft / DDP; patched on first use (`evofast.patch`).
+        model: an evofast-supported model with an output head (LLaDA, Dream / Qwen2, BERT-like
+            MLMs), possibly wrapped by peft (LoRA unmerged) / DDP; patched on first use (`evofast.patch`).
         batch: the dict of `CTSCollator` (K = `next_positions.shape[1]`).
         k_soft: top-k of a soft token (3 in the paper).
         alphas: `(K, B)` mask weights in [0, 1); None draws U(0.5, 1.0) from `generator`.
@@ -149,72 +236,18 @@ def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Te
 
     Returns the scalar fp32 loss (detached when `backward=True`), or `(loss, [loss_k])`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(k_soft, bool) or not isinstance(k_soft, int) or k_soft < 1:
-        raise ValueError(f"k_soft: expected a positive int, got {k_soft!r}")
-    base = base_model(model)
-    adapter = get_adapter(base, mask_id)
-    emb = adapter.input_embeddings().weight
-    weight, bias, scale = adapter.output_head()
-    dev = emb.device
-    b = check_batch(batch, dev)
-    ids, labels, nxt = b["input_ids"].clone(), b["labels"], b["next_positions"]
-    B, N = ids.shape
-    K = nxt.shape[1]
-    V = int(weight.shape[0])
-    if k_soft >= V:
-        raise ValueError(f"k_soft: must be smaller than the vocabulary size {V}, got {k_soft}")
-    if bool(((labels < 0) | (labels >= V)).any()) or bool(((ids < 0) | (ids >= V)).any()):
-        raise ValueError(f"input_ids / labels: token ids must lie in [0, {V})")
-    a = draw_alphas(K, B, alphas, generator)
-    st_h, en_h = b["block_start"].tolist(), b["block_end"].tolist()
-    p_h, nxt_h = b["prompt_lengths"].tolist(), nxt.tolist()
-    pos = torch.arange(N, device=dev)[None, :]
-    before = pos < b["block_start"][:, None]          # [Decode] rows, never read by the LM head
-    tail = ~before                                    # [block_start, N): what steps k < K - 1 read
-    in_block = tail & (pos <= b["block_end"][:, None])   # what the last step reads
-    block_labels = torch.where(in_block, labels, -100)
-    offsets = [0]                                     # where each row's part starts in h[tail]
-    for s in st_h:
-        offsets.append(offsets[-1] + N - s)
-    gc = _checkpointing(base)
-
-    conf = torch.zeros(B, N, dtype=torch.float64, device=dev)
-    soft = None
-    total = torch.zeros((), dtype=torch.float32, device=dev)
+    traj = Trajectory(model, batch, k_soft, alphas, generator=generator, mask_id=mask_id, chunk_size=chunk_size,
+                      backend=backend)
+    K = traj.K
+    total = torch.zeros((), dtype=torch.float32, device=traj.ids.device)
     steps = []
-    for k in range(K):
-        last = k == K - 1
-        if soft is None:
-            h = adapter.hidden_states(input_ids=ids)
-        else:
-            e = soft_embed(emb, soft[0], soft[1], backend=backend, check_ids=False)
-            if gc and torch.is_grad_enabled() and not e.requires_grad:
-                e.requires_grad_()   # reentrant checkpointing drops parameter grads when no input needs grad
-            h = adapter.hidden_states(inputs_embeds=e)
-        rows = in_block if last else tail
-        hook = None
-        if not last:
-            ids = ids.clone()          # the hook writes the ids; this step's graph may hold the old ones
-            soft_ids = torch.zeros(B, N, k_soft + 1, dtype=torch.int64, device=dev)
-            soft_w = torch.zeros(B, N, k_soft + 1, dtype=emb.dtype, device=dev)
-            hook = _Trajectory(ids, conf, soft_ids, soft_w, st_h, en_h, p_h, offsets, [r[k] for r in nxt_h],
-                               a[k], adapter.mask_id, k_soft, backend)
-        loss_k = linear_cross_entropy(h[rows], weight, block_labels[rows], bias=bias, scale=scale,
-                                      chunk_size=chunk_size, on_logits=hook)
-        del h
+    for _ in range(K):
+        loss_k = traj.step()
         if backward:
             if loss_k.requires_grad:
                 (loss_k * (float(grad_scale) / K)).backward()
             loss_k = loss_k.detach()
         total = total + loss_k
         steps.append(loss_k.detach())
-        if hook is not None:
-            # rows before the block are [Decode]: weight 1 on x itself (ids updated by the hook)
-            soft_ids[..., k_soft] = torch.where(before, ids, soft_ids[..., k_soft])
-            soft_w[..., k_soft] = torch.where(before, torch.ones((), dtype=soft_w.dtype, device=dev),
-                                              soft_w[..., k_soft])
-            soft = (soft_ids, soft_w)
     loss = total / K
     return (loss, steps) if return_steps else loss

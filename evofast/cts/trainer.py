@@ -1,28 +1,36 @@
-"""`CTSTrainer` (a `transformers.Trainer`) and `train_cts`, the whole CTS run from Python.
+"""`CTSTrainer`: a `transformers.Trainer` whose loss is the CTS loss, for one process or many.
 
-`CTSTrainer.training_step` calls `cts_loss(..., backward=True)`: each trajectory
-step is backed up as soon as its loss is known (scaled by 1 / gradient
-accumulation), so one step's activations are alive at a time. The K forwards
-run on the unwrapped model (peft's LoRA layers live inside it), never through
-DDP's forward, so DDP's own gradient hooks stay idle; on the micro-step that
-syncs, the trainer averages the trainable gradients over the processes itself
-(one all-reduce per tensor; LoRA tensors are small). Everything else (bf16
-autocast, gradient accumulation, clipping, logging, checkpoints, accelerate /
-torchrun launch) is the Trainer's. With an fp16 loss scaler the trainer falls
-back to one backward of the whole loss through accelerate (K graphs alive).
-FSDP and DeepSpeed are refused (they shard what the K forwards read).
+Each micro-batch's K trajectory steps run one at a time (`Trajectory`): a forward of
+the wrapped model, then that step's backward (scaled by 1 / K and 1 / gradient
+accumulation), so one step's activations are alive at a time. Under DDP, FSDP2 and
+DeepSpeed ZeRO (stages 1-3, with or without CPU offload) the steps are gradient
+accumulation inside one optimizer step: see `evofast.cts.distributed` for how
+each wrapper is driven, and `check_setup` for what is refused before the first step.
+Everything else (mixed precision, accumulation over micro-batches, clipping,
+logging, checkpoints, launch by torchrun / accelerate) is the Trainer's.
+
+Exact resume: the training data loader only pads (`CTSCollator.pad`); the noise
+and the mask weights of each micro-batch are drawn here from a generator derived
+from the collator's seed, the optimizer step, the micro-batch index and the
+process, so a run resumed from a checkpoint draws what the uninterrupted run drew.
+Checkpoints are written under a staging folder and renamed into place when complete.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional, Sequence
+import contextlib
+import os
+import shutil
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
 
-from .collator import CTSCollator
-from .loss import base_model, cts_loss
+from . import distributed
+from .collator import CTSCollator, derived_generator
+from .loss import Trajectory, base_model
+from .output import STAGING
+from ..models.registry import get_adapter
 
 
 class CTSTrainer(Trainer):
@@ -32,163 +40,148 @@ class CTSTrainer(Trainer):
     turned off (the examples' keys are not model arguments)."""
 
     def __init__(self, *args, k_soft: int = 3, cts_backward: bool = True, **kwargs):
-        if kwargs.get("data_collator") is None and len(args) < 3:
-            model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
-            cfg = getattr(base_model(model), "config", None) if model is not None else None
+        model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
+        collator = kwargs.get("data_collator") if "data_collator" in kwargs else (args[2] if len(args) > 2 else None)
+        if model is not None:
+            distributed.check_model(model)
+        if collator is None and model is not None:
+            cfg = getattr(base_model(model), "config", None)
             mask_id, pad_id = getattr(cfg, "mask_token_id", None), getattr(cfg, "pad_token_id", None)
             if mask_id is None or pad_id is None:
                 raise ValueError("data_collator: the model's config has no mask_token_id / pad_token_id; pass "
                                  "data_collator=evofast.cts.CTSCollator(mask_id, pad_id, ...)")
-            kwargs["data_collator"] = CTSCollator(int(mask_id), int(pad_id))
+            kwargs["data_collator"] = collator = CTSCollator(int(mask_id), int(pad_id))
+        if model is not None:     # patched before any wrapper shards it (the adapter reads the weights' shapes)
+            get_adapter(base_model(model), getattr(collator, "mask_id", None))
         super().__init__(*args, **kwargs)
         self.args.remove_unused_columns = False   # read when the dataloaders are built, not before
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            raise NotImplementedError("CTSTrainer runs the K trajectory forwards on the unwrapped model and "
-                                      "averages the gradients itself: DDP (torchrun / accelerate) only, not FSDP "
-                                      "or DeepSpeed")
+        distributed.check_setup(self)
+        # a CTSCollator's random half runs in training_step, keyed by the optimizer step (exact resume)
+        self.cts_collator = self.data_collator if isinstance(self.data_collator, CTSCollator) else None
+        if self.cts_collator is not None:
+            self.data_collator = self.cts_collator.pad
+        self._draws = {}                          # phase -> (global step, batches drawn at that step)
         self.k_soft = int(k_soft)
         self.cts_backward = bool(cts_backward)
 
     def _cts_model(self, model):
         return base_model(self.accelerator.unwrap_model(model))
 
+    def _noised(self, inputs: dict, phase: str):
+        """(batch, generator): a padded batch noised with draws derived from the collator's seed, the
+        phase, the optimizer step, the micro-batch within it and the process; the same generator
+        then draws the mask weights. A batch the collator already noised passes through."""
+        if self.cts_collator is None or "next_positions" in inputs:
+            return inputs, None
+        step = self.state.global_step
+        last_step, n = self._draws.get(phase, (None, 0))
+        n = n if last_step == step else 0
+        self._draws[phase] = (step, n + 1)
+        gen = derived_generator(self.cts_collator.seed, phase, step, n, self.args.process_index)
+        return self.cts_collator.noise(inputs, gen), gen
+
+    def _trajectory(self, model, inputs: dict, phase: str) -> Trajectory:
+        inputs, gen = self._noised(inputs, phase)
+        alphas = inputs.get("alphas")                      # a pre-noised batch may carry its mask weights
+        inputs = self._prepare_inputs(inputs)
+        return Trajectory(self._cts_model(model), inputs, self.k_soft, alphas, generator=gen,
+                          device=self.args.device)
+
+    def _run_steps(self, model, traj: Trajectory, n: int):
+        """The next `n` steps' summed loss, as one forward of the wrapped model (autocast on)."""
+        def steps():
+            with self.accelerator.autocast():
+                return sum(traj.step() for _ in range(n))
+        return distributed.call_as_forward(model, steps)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = cts_loss(self._cts_model(model), inputs, k_soft=self.k_soft)
+        traj = self._trajectory(model, inputs, "loss")
+        loss = self._run_steps(model, traj, traj.K) / traj.K
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the CTS loss only (the model has no `labels` argument to call it with)."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = cts_loss(self._cts_model(model), inputs, k_soft=self.k_soft)
+        with torch.no_grad():
+            traj = self._trajectory(model, inputs, "eval")
+            loss = self._run_steps(model, traj, traj.K) / traj.K
         return loss.detach(), None, None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        traj = self._trajectory(model, inputs, "train")
+        K = traj.K
         ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", None)
                         or self.args.gradient_accumulation_steps))
-        per_step = self.cts_backward and getattr(self.accelerator, "scaler", None) is None
-        with self.compute_loss_context_manager():
-            if per_step:
-                loss = cts_loss(self._cts_model(model), inputs, k_soft=self.k_soft, backward=True,
-                                grad_scale=1.0 / ga)
-            else:
-                loss = cts_loss(self._cts_model(model), inputs, k_soft=self.k_soft)
-        if not per_step:
-            self.accelerator.backward(loss / ga)
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
-            self._average_gradients(model)
-        return loss.detach() / ga
+        if not self.cts_backward:                  # one backward of the whole loss (K graphs alive)
+            loss = self._run_steps(model, traj, K) / K
+            self._backward(model, loss / ga, last=True)
+            return loss.detach() / ga
+        total = torch.zeros((), dtype=torch.float32, device=self.args.device)
+        for k in range(K):
+            last = k == K - 1
+            # the Trainer syncs on the last micro-batch only; within it, only the last step syncs
+            hold = self.accelerator.sync_gradients and not last
+            with distributed.sync_off(model) if hold else contextlib.nullcontext():
+                loss_k = self._run_steps(model, traj, 1)
+                if loss_k.requires_grad:
+                    self._backward(model, loss_k / (K * ga), last=last)
+            total += loss_k.detach().float()
+        return total / (K * ga)
 
-    def _average_gradients(self, model) -> None:
-        """All-reduce (mean) the trainable parameters' gradients over the processes."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size()
-        for p in self.accelerator.unwrap_model(model).parameters():
-            if p.requires_grad:
-                if p.grad is None:   # keep the collective in step on every rank
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(world)
+    def _backward(self, model, loss, last: bool) -> None:
+        """accelerate's backward (loss scaling; DeepSpeed's engine backward and, at the boundary, its
+        step); under DeepSpeed a step before the last stays inside the accumulation window."""
+        engine = distributed.deepspeed_engine(model)
+        if engine is None:
+            self.accelerator.backward(loss)
+        elif last:
+            self.accelerator.backward(loss, scale_wrt_gas=False)   # as the Trainer does: our loss is scaled
+        else:
+            engine.set_gradient_accumulation_boundary(False)
+            engine.backward(loss, scale_wrt_gas=False)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written under `STAGING` and renamed to `checkpoint-N` once every
+        process has written its part (files flushed to disk first): a crash while saving never
+        leaves a folder that `resume` would take for a complete checkpoint."""
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staged = run_dir / STAGING / name
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)        # left by a crash
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(run_dir / STAGING)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            _fsync_tree(staged)
+            final = run_dir / name
+            if final.exists():                                   # saved twice at one step
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            try:
+                staged.parent.rmdir()                            # only when nothing else is staged
+            except OSError:
+                pass
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
 
 
-class _LossLog(TrainerCallback):
-    """Collects every logged training loss (and calls `on_loss(step, loss)`)."""
-
-    def __init__(self, on_loss: Optional[Callable[[int, float], None]] = None):
-        self.losses = []
-        self.on_loss = on_loss
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append((int(state.global_step), float(logs["loss"])))
-            if self.on_loss is not None:
-                self.on_loss(*self.losses[-1])
-
-
-def add_lora(model, r: int = 128, alpha: Optional[int] = None,
-             target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj"), dropout: float = 0.0):
-    """`model` wrapped by peft with LoRA on `target_modules` (the paper: r = 128 on q / k / v)."""
-    from peft import LoraConfig, get_peft_model
-
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"lora_r: expected a positive int, got {r!r}")
-    cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
-                     target_modules=list(target_modules))
-    return get_peft_model(model, cfg)
-
-
-def train_cts(model, tokenizer, examples, *, output_dir: Optional[str] = None, lora_r: Optional[int] = 128,
-              lora_alpha: Optional[int] = None, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj"),
-              mask_id: Optional[int] = None, pad_id: Optional[int] = None, K: int = 4,
-              per_de_nums: Sequence[int] = (1, 2, 4, 8), block_sizes: Sequence[int] = (512,),
-              max_length: Optional[int] = None, extra_pad_prob: float = 0.5, k_soft: int = 3,
-              epochs: float = 1.0, max_steps: int = -1,
-              batch_size: int = 1, grad_accum: int = 1, lr: float = 1e-5, weight_decay: float = 0.0,
-              bf16: bool = False, gradient_checkpointing: bool = False,
-              seed: int = 0, logging_steps: int = 1, merge: bool = True, progress: bool = True,
-              on_loss: Optional[Callable[[int, float], None]] = None, **training_kwargs):
-    """Train `model` with CTS on `examples` (dicts of `input_ids`, `prompt_length`; see
-    `evofast.cts.encode_examples`) and return `(model, losses)`.
-
-    `lora_r=None` trains every parameter; otherwise LoRA (peft) on `target_modules`.
-    With `output_dir` the result is saved there with `save_pretrained` (LoRA merged
-    into the weights when `merge`, else the adapter alone), with the tokenizer when
-    it has `save_pretrained`. `losses` is the list of `(global_step, loss)` logged.
-    Other keyword arguments go to `TrainingArguments`.
-    """
-    import tempfile
-
-    cfg = getattr(model, "config", None)
-    mask_id = mask_id if mask_id is not None else getattr(cfg, "mask_token_id", None)
-    if mask_id is None:
-        mask_id = getattr(tokenizer, "mask_token_id", None)
-    if pad_id is None:
-        pad_id = next((v for v in (getattr(tokenizer, "pad_token_id", None), getattr(cfg, "pad_token_id", None),
-                                   getattr(tokenizer, "eos_token_id", None)) if v is not None), None)
-    if mask_id is None or pad_id is None:
-        raise ValueError("mask_id / pad_id: neither the model config nor the tokenizer names them; pass them")
-    if not examples:
-        raise ValueError("examples: nothing to train on")
-    from ..models.registry import patch
-    patch(model, mask_id=int(mask_id))     # fails early (TypeError) for models CTS cannot train
-    collator = CTSCollator(int(mask_id), int(pad_id), K=K, per_de_nums=per_de_nums, block_sizes=block_sizes,
-                           generator=torch.Generator().manual_seed(seed), max_length=max_length,
-                           extra_pad_prob=extra_pad_prob)
-    trained = model if lora_r is None else add_lora(model, lora_r, lora_alpha, target_modules)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    scratch = None
-    if output_dir is None:
-        scratch = tempfile.TemporaryDirectory(prefix="evofast-cts-")
-    args = TrainingArguments(
-        output_dir=output_dir if output_dir is not None else scratch.name, num_train_epochs=epochs,
-        max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        learning_rate=lr, weight_decay=weight_decay, bf16=bf16,
-        logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-        disable_tqdm=not progress, remove_unused_columns=False,
-        use_cpu=next(model.parameters()).device.type == "cpu",   # train where the model is
-        **training_kwargs)
-    log = _LossLog(on_loss)
-    trainer = CTSTrainer(model=trained, args=args, train_dataset=list(examples), data_collator=collator,
-                         callbacks=[log], k_soft=k_soft)
-    try:
-        trainer.train()
-        if collator.dropped:
-            print(f"evofast train-cts: {collator.dropped} unusable examples dropped (no response token or "
-                  f"longer than max_length)")
-        result = trained
-        if lora_r is not None and merge:
-            result = trained.merge_and_unload()
-        if output_dir is not None and trainer.is_world_process_zero():
-            result.save_pretrained(output_dir)
-            if hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(output_dir)
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-    if not all(math.isfinite(v) for _, v in log.losses):
-        raise FloatingPointError(f"CTS training diverged: logged losses {log.losses}")
-    return result, log.losses
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` (and the folders) to disk."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -6,7 +6,7 @@
 Prompts are sorted by length before batching (left padding wastes little) and batched
 with an attention mask. A task either encodes one example (`task.encode(ex, tok)`: the
 paper's benchmarks, their chat template and `<reasoning>` prefill) or a batch
-(`evofast.pretrain.encode_batch`: the synthetic tasks' fixed-width layout). The
+(`evofast.tasks.base.encode_batch`: the synthetic tasks' fixed-width layout). The
 generated tokens are decoded without skipping special tokens and scored by
 `task.check(ex, text)`, as the authors score them.
 
@@ -67,7 +67,7 @@ def _encoder(task, tok):
             return ids, am, [task.prompt_text(ex, tok) for ex in exs]
         return encode
 
-    from ..pretrain import encode_batch
+    from ..tasks.base import encode_batch
 
     def encode_synthetic(exs):                          # the fixed-width layout the model was trained on
         b = encode_batch(tok, task, exs, with_response=False)

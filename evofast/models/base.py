@@ -8,6 +8,7 @@ nothing of evofast's kernels; `generate` and `cts` compose the two.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Optional, Tuple
 
 import torch
@@ -72,7 +73,8 @@ class Adapter:
         `logits_from`: adapters that can apply the LM head to only the last rows do
         so (saves the V-wide matmul for rows nobody reads); others slice.
         """
-        raise NotImplementedError
+        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
+        return self._forward(Inputs(input_ids, inputs_embeds, attention_mask, position_ids, B, L), logits_from)
 
     @torch.no_grad()
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -82,13 +84,13 @@ class Adapter:
     def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                       attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
         """The LM head's input `(B, L, d)` (final-norm output), same arguments as `forward`."""
-        raise TypeError(f"evofast's {self.name} adapter cannot give hidden states before the LM head: "
-                        "CTS training (evofast.cts) needs them; use evofast.models.llada or LLaDA's remote code")
+        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, 0, self.max_length)
+        return self._hidden_states(Inputs(input_ids, inputs_embeds, attention_mask, position_ids, B, L))
 
     def output_head(self) -> tuple:
         """`(weight (V, d), bias (V,) or None, scale)`: logits = scale * (hidden @ weight.T + bias)."""
         raise TypeError(f"evofast's {self.name} adapter does not expose its output embedding: "
-                        "CTS training (evofast.cts) needs it; use evofast.models.llada or LLaDA's remote code")
+                        "CTS training (evofast.cts) needs it")
 
     # -- KV cache (evofast.cache.BlockKVCache) ------------------------------------
     #: the `generate(cache=...)` kinds this adapter can run ("prefix", "dual"); () = none
@@ -123,7 +125,45 @@ class Adapter:
         `[start, start + n)` (fp32 rounding). Returns the logits of rows
         `[logits_from, logits_to)` (absolute rows, default the whole window).
         """
+        if not self.cache_kinds:
+            raise NotImplementedError(f"the {self.name} adapter has no KV cache")
+        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
+                                       logits_from, logits_to, self.max_length)
+        return self._forward_cached(cache, start, Inputs(input_ids, inputs_embeds, attention_mask, position_ids, b, L),
+                                    lo, hi)
+
+    # -- the bodies an adapter implements: arguments already checked, once, above ----------
+    def _forward(self, x: "Inputs", logits_from: int) -> Tensor:
+        """Logits of rows [logits_from, L)."""
+        raise NotImplementedError
+
+    def _hidden_states(self, x: "Inputs") -> Tensor:
+        raise TypeError(f"evofast's {self.name} adapter cannot give hidden states before the LM head: "
+                        "CTS training (evofast.cts) needs them; use evofast.models.llada or LLaDA's remote code")
+
+    def _forward_cached(self, cache, start: int, x: "Inputs", lo: int, hi: int) -> Tensor:
+        """Logits of the window's rows [start + lo, start + hi); `x` holds the window's inputs and the
+        whole sequence's mask and positions (x.L = cache.length)."""
         raise NotImplementedError(f"the {self.name} adapter has no KV cache")
+
+
+@dataclass
+class Inputs:
+    """The checked inputs of one forward (exactly one of input_ids / inputs_embeds)."""
+
+    input_ids: Optional[Tensor]
+    inputs_embeds: Optional[Tensor]
+    attention_mask: Optional[Tensor]
+    position_ids: Optional[Tensor]
+    B: int
+    L: int                 # the sequence length (a cached window's whole sequence)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.input_ids if self.input_ids is not None else self.inputs_embeds).device
+
+    def model_kwargs(self) -> dict:
+        return dict(input_ids=self.input_ids, inputs_embeds=self.inputs_embeds)
 
 
 # -- helpers shared by the adapters (torch only; nothing here imports transformers) --
@@ -206,12 +246,13 @@ def check_cached(cache, start: int, input_ids: Optional[Tensor], inputs_embeds: 
 
 def keep_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     """(B, L) with 1 = token, 0 = pad -> bool (B, L), True = a key that may be attended,
-    or None when nothing is padded (one host sync). A row without any real token keeps
-    all its keys (meaningless but finite outputs, never NaN)."""
+    or None when nothing is padded (one host sync; under torch.compile the mask is kept
+    instead: a data-dependent branch would break the graph). A row without any real token
+    keeps all its keys (meaningless but finite outputs, never NaN)."""
     if attention_mask is None:
         return None
     keep = attention_mask.bool()
-    if bool(keep.all()):
+    if not torch.compiler.is_compiling() and bool(keep.all()):
         return None
     return keep | ~keep.any(dim=-1, keepdim=True)
 

@@ -24,21 +24,22 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["load_checkpoint", "load_tiny", "check_lora", "load_lora"]
+__all__ = ["load_checkpoint", "load_tiny", "check_checkpoint", "check_lora", "load_lora", "patch_for_generation"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
 
 
 def load_tiny(device, dtype):
     """The built-in random model (LLaDA architecture, d_model 64, 2 layers) and its character
     tokenizer. Its matrices are so small that callers on the CPU should use one torch thread
     (more only add synchronisation)."""
+    from ..char_tokenizer import tiny_tokenizer
     from . import llada
-    from .tiny_tokenizer import CharTokenizer
 
-    tok = CharTokenizer()
-    model = llada.tiny(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, seed=0)
+    tok = tiny_tokenizer()
+    model = llada.tiny(vocab_size=len(tok), d_model=64, n_layers=2, n_heads=4, seed=0)
     return model.to(device=device, dtype=dtype), tok
 
 
@@ -46,6 +47,7 @@ def load_checkpoint(path: str, device, dtype, trust_remote_code: bool = False, *
                     lora: Optional[str] = None, merge_lora: bool = False):
     """(model in eval mode on `device`, tokenizer) of a checkpoint directory, with an optional
     LoRA adapter (checked by `check_lora` before any weight is loaded)."""
+    check_checkpoint(path)
     if lora is not None:
         check_lora(lora, path)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
@@ -72,6 +74,33 @@ def load_checkpoint(path: str, device, dtype, trust_remote_code: bool = False, *
     if lora is not None:
         model = load_lora(model, lora, merge=merge_lora)
     return model.to(device).eval(), tok
+
+
+def patch_for_generation(model, tokenizer, mask_id: Optional[int] = None):
+    """`evofast.patch` the model (a peft wrapper too) with `mask_id`, or its config's, or else the
+    tokenizer's mask token (BERT-like checkpoints keep it there). Returns the model."""
+    from .registry import patch, unwrap
+
+    if mask_id is None and getattr(getattr(unwrap(model), "config", None), "mask_token_id", None) is None:
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+    return patch(model, mask_id=mask_id)
+
+
+def check_checkpoint(path) -> None:
+    """ValueError naming what a local checkpoint directory lacks (a name that is not a local path
+    is left to transformers, which may resolve it on a hub)."""
+    p = Path(path)
+    looks_local = p.is_absolute() or str(path).startswith(".") or p.exists() or str(path).count("/") != 1
+    if not looks_local:
+        return
+    if not p.exists():
+        raise ValueError(f"--model: {path} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"--model: {path} is not a directory")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"--model: {path} has no config.json (is it a checkpoint directory?)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"--model: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
 def load_lora(model, lora: str, *, merge: bool = False):

@@ -31,12 +31,12 @@ AdapterRef = Union[str, Type[Adapter]]  # "module:Class" under evofast.models, o
 
 #: config.model_type (lower case) -> adapters to try, in order
 MODEL_TYPES: Dict[str, Tuple[AdapterRef, ...]] = {
-    "llada": ("llada_native:LLaDANativeAdapter", "llada_remote:LLaDARemoteAdapter"),
-    "bert": ("masked_lm:BertMLMAdapter",),
-    "roberta": ("masked_lm:RobertaMLMAdapter",),
-    "modernbert": ("masked_lm:ModernBertMLMAdapter",),
-    "qwen2": ("dream:DreamAdapter",),
-    "dream": ("dream:DreamAdapter",),
+    "llada": ("adapters.llada_native:LLaDANativeAdapter", "adapters.llada_remote:LLaDARemoteAdapter"),
+    "bert": ("adapters.masked_lm:BertMLMAdapter",),
+    "roberta": ("adapters.masked_lm:RobertaMLMAdapter",),
+    "modernbert": ("adapters.masked_lm:ModernBertMLMAdapter",),
+    "qwen2": ("adapters.dream:DreamAdapter",),
+    "dream": ("adapters.dream:DreamAdapter",),
 }
 
 SUPPORTED = ("evofast.models.llada.LLaDAModelLM, LLaDA's remote-code LLaDAModelLM, BertForMaskedLM, "

@@ -11,7 +11,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
+
+import torch
 
 __all__ = ["Example", "Task", "in_test_split", "TEST_PERCENT"]
 
@@ -118,3 +120,33 @@ class Task:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+def encode_batch(tok, task, examples: Sequence, with_response: bool = True) -> dict:
+    """Token tensors of examples: `input_ids` (B, P [+ G]) with the prompt (and <bos>) left-padded
+    to P = task.prompt_length + 1 and, with_response, G = task.gen_length response tokens
+    (<eos>-padded); `attention_mask` (1 = token), `position_ids` (from the first real token).
+    Responses longer than G are an error (the task's lengths are wrong)."""
+    P, G = task.prompt_length + 1, task.gen_length
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    B = len(examples)
+    L = P + (G if with_response else 0)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    am = torch.zeros(B, L, dtype=torch.long)
+    # one tokenizer call per batch, not per example (this runs every training step); none for no examples
+    prompts = tok([ex.prompt for ex in examples])["input_ids"] if B else []
+    if with_response and B:
+        responses = tok([ex.response for ex in examples], add_special_tokens=False)["input_ids"]
+    for i, (ex, p) in enumerate(zip(examples, prompts)):
+        if len(p) > P:
+            raise ValueError(f"prompt {ex.prompt!r}: {len(p)} tokens, more than the task's width {P}")
+        ids[i, P - len(p):P] = torch.tensor(p)
+        am[i, P - len(p):] = 1
+        if with_response:
+            r = responses[i]
+            if len(r) >= G:
+                raise ValueError(f"response {ex.response!r}: {len(r)} tokens, no room for <eos> in gen_length {G}")
+            ids[i, P:P + len(r)] = torch.tensor(r)
+            ids[i, P + len(r):] = eos
+    pos = (am.cumsum(dim=1) - 1).clamp_min(0)
+    return {"input_ids": ids, "attention_mask": am, "position_ids": pos, "prompt_width": P}

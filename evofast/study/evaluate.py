@@ -17,8 +17,8 @@ import torch
 
 __all__ = ["wilson_interval", "evaluate", "distributed_context"]
 
-from .evaluation.report import wilson_interval  # noqa: E402
-from .evaluation.runner import decode_examples, distributed_context  # noqa: E402
+from ..evaluation.report import wilson_interval  # noqa: E402
+from ..evaluation.runner import decode_examples, distributed_context  # noqa: E402
 
 
 def _gather(records: list, world: int) -> list:
@@ -42,8 +42,8 @@ def evaluate(model, tok, task, *, n: int = 500, seed: int = 0, mode: str = "hard
     gen_length / block_length to the task's. The model must be `evofast.patch`able;
     errors of `generate` (bad lengths: ValueError; a cache not built: NotImplementedError)
     propagate before any work is wasted (the first batch raises them)."""
-    from .evaluation.grid import EvalConfig
-    from .ops._checks import integer
+    from ..evaluation.grid import EvalConfig
+    from ..ops._checks import integer
 
     gen_length = gen_length or task.gen_length
     block_length = block_length or min(task.block_length, gen_length)

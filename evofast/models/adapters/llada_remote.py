@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import HFAdapter, InstancePatches, MethodHook, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, Inputs, InstancePatches, MethodHook, default_positions, keep_mask
 from .llada_native import llada_default_mask_id
 
 
@@ -212,13 +212,11 @@ class LLaDARemoteAdapter(HFAdapter):
             warnings.warn(f"evofast.unpatch: left alone (replaced after patch by something else): {skipped}")
 
     # -- what cts uses -------------------------------------------------------------
-    def hidden_states(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                      attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+    def _hidden_states(self, x: Inputs) -> Tensor:
         """ln_f's output, caught by the ln_f hook (which hands the LM head zero rows)."""
         self._captured = []
         try:
-            self.forward(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         position_ids=position_ids)
+            self._forward(x, 0)
             return self._captured[-1]
         finally:
             self._captured = None
@@ -236,28 +234,19 @@ class LLaDARemoteAdapter(HFAdapter):
         head_dim = int(cfg.d_model) // int(cfg.n_heads)
         return len(blocks), int(blocks[0].k_proj.out_features) // head_dim, head_dim
 
-    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
-                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
-                       logits_to: Optional[int] = None) -> Tensor:
-        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to, self.max_length)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        positions = default_positions(attention_mask, position_ids, L, ref.device)[:, start:start + n]
+    def _forward_cached(self, cache, start: int, x: Inputs, lo: int, hi: int) -> Tensor:
+        n = (x.input_ids if x.input_ids is not None else x.inputs_embeds).shape[1]
+        keep = keep_mask(x.attention_mask)
+        positions = default_positions(x.attention_mask, x.position_ids, x.L, x.device)[:, start:start + n]
         layers = {id(block): i for i, block in enumerate(self.transformer.blocks)}
         state = _State(None if keep is None else keep[:, None, None, :], positions, lo, hi, cache, start, layers)
-        return self._run(state, input_ids, inputs_embeds)
+        return self._run(state, x.input_ids, x.inputs_embeds)
 
-    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                logits_from: int = 0) -> Tensor:
-        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        positions = default_positions(attention_mask, position_ids, L, ref.device)
+    def _forward(self, x: Inputs, logits_from: int) -> Tensor:
+        keep = keep_mask(x.attention_mask)
+        positions = default_positions(x.attention_mask, x.position_ids, x.L, x.device)
         return self._run(_State(None if keep is None else keep[:, None, None, :], positions, logits_from),
-                         input_ids, inputs_embeds)
+                         x.input_ids, x.inputs_embeds)
 
     def _run(self, state: _State, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
         """The model's own forward with the wrappers reading `state`."""

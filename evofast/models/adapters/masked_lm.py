@@ -19,6 +19,11 @@ usually do not: the mask id lives in the tokenizer, e.g. 103 for bert-base,
 50264 for roberta-base, 50284 for ModernBERT-base), else `patch(model, mask_id=...)`.
 A config with `is_decoder=True` (causal self-attention) is refused.
 
+CTS training (`evofast.cts`) reads the head split in two: `hidden_states` is the
+encoder's output through the head's transform (dense, activation, norm), and
+`output_head` the vocabulary projection (`decoder`: weight and bias), so the fused
+cross-entropy never builds the logits of every row.
+
 KV cache: BERT and RoBERTa self-attention hand their keys and values to
 `past_key_values.update`, so `forward_cached` passes an `evofast.cache`
 positional `transformers.Cache` (the window replaces its positions, the queries
@@ -31,7 +36,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, Inputs, additive_key_bias, default_positions, keep_mask
 
 
 class _MaskedLMAdapter(HFAdapter):
@@ -73,19 +78,34 @@ class _MaskedLMAdapter(HFAdapter):
         return positions
 
     def head(self, hidden: Tensor) -> Tensor:
+        """The MLM head: logits of the encoder's output rows."""
         raise NotImplementedError
 
-    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                logits_from: int = 0) -> Tensor:
-        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        positions = self.model_positions(default_positions(attention_mask, position_ids, L, ref.device))
-        positions = positions.expand(B, L)
-        out = self.body(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                        attention_mask=None if keep is None else keep.long(), position_ids=positions)
-        return self.head(out[0][:, logits_from:])
+    def transform(self, hidden: Tensor) -> Tensor:
+        """The MLM head up to its vocabulary projection (`decoder`): `head = decoder(transform(.))`."""
+        raise NotImplementedError
+
+    def decoder(self) -> nn.Linear:
+        raise NotImplementedError
+
+    def _positions(self, x: Inputs) -> Tensor:
+        return self.model_positions(default_positions(x.attention_mask, x.position_ids, x.L, x.device)).expand(x.B, x.L)
+
+    def _encode(self, x: Inputs) -> Tensor:
+        keep = keep_mask(x.attention_mask)
+        out = self.body(**x.model_kwargs(), attention_mask=None if keep is None else keep.long(),
+                        position_ids=self._positions(x))
+        return out[0]
+
+    def _forward(self, x: Inputs, logits_from: int) -> Tensor:
+        return self.head(self._encode(x)[:, logits_from:])
+
+    def _hidden_states(self, x: Inputs) -> Tensor:
+        return self.transform(self._encode(x))
+
+    def output_head(self) -> tuple:
+        dec = self.decoder()
+        return dec.weight, dec.bias, 1.0
 
     def cache_layout(self):
         if not self.cache_kinds:
@@ -93,24 +113,15 @@ class _MaskedLMAdapter(HFAdapter):
         cfg = self.model.config
         return int(cfg.num_hidden_layers), int(cfg.num_attention_heads), int(cfg.hidden_size // cfg.num_attention_heads)
 
-    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
-                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
-                       logits_to: Optional[int] = None) -> Tensor:
-        if not self.cache_kinds:
-            return super().forward_cached(cache=cache, start=start)
-        from ..cache import transformers_cache
-        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to, self.max_length)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        keep = keep_mask(attention_mask)
-        positions = self.model_positions(default_positions(attention_mask, position_ids, L, ref.device))
-        positions = positions.expand(b, L)[:, start:start + n]
+    def _forward_cached(self, cache, start: int, x: Inputs, lo: int, hi: int) -> Tensor:
+        from ...cache import transformers_cache
+        n = (x.input_ids if x.input_ids is not None else x.inputs_embeds).shape[1]
+        keep = keep_mask(x.attention_mask)
         bias = None
         if keep is not None:
-            bias = additive_key_bias(keep, b, L, self.input_embeddings().weight.dtype, ref.device)
-        out = self.body(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
-                        position_ids=positions, past_key_values=transformers_cache(cache, start), use_cache=False)
+            bias = additive_key_bias(keep, x.B, x.L, self.input_embeddings().weight.dtype, x.device)
+        out = self.body(**x.model_kwargs(), attention_mask=bias, position_ids=self._positions(x)[:, start:start + n],
+                        past_key_values=transformers_cache(cache, start), use_cache=False)
         return self.head(out[0][:, lo:hi])
 
 
@@ -122,6 +133,12 @@ class BertMLMAdapter(_MaskedLMAdapter):
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.cls(hidden)
+
+    def transform(self, hidden: Tensor) -> Tensor:
+        return self.model.cls.predictions.transform(hidden)
+
+    def decoder(self) -> nn.Linear:
+        return self.model.cls.predictions.decoder
 
 
 class RobertaMLMAdapter(_MaskedLMAdapter):
@@ -144,6 +161,14 @@ class RobertaMLMAdapter(_MaskedLMAdapter):
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden)
 
+    def transform(self, hidden: Tensor) -> Tensor:
+        from transformers.models.roberta.modeling_roberta import gelu   # the activation RobertaLMHead calls
+        head = self.model.lm_head
+        return head.layer_norm(gelu(head.dense(hidden)))
+
+    def decoder(self) -> nn.Linear:
+        return self.model.lm_head.decoder
+
 
 class ModernBertMLMAdapter(_MaskedLMAdapter):
     name = "modernbert-mlm"
@@ -156,3 +181,9 @@ class ModernBertMLMAdapter(_MaskedLMAdapter):
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.decoder(self.model.head(hidden))
+
+    def transform(self, hidden: Tensor) -> Tensor:
+        return self.model.head(hidden)
+
+    def decoder(self) -> nn.Linear:
+        return self.model.decoder

@@ -31,6 +31,10 @@ decoded). Default: true for Dream's class, false for Qwen2, so a
 Qwen2 model trained as a plain masked diffusion LM reads row i at row i). Set
 ``evofast.get_adapter(model).shift_logits`` to override.
 
+CTS training (`evofast.cts`): `hidden_states` gives the final hidden states
+realigned the same way (row i holds what row i's logits are computed from) and
+`output_head` the `lm_head` weight and bias.
+
 Not supported (TypeError at `patch`): sliding-window layers, and attention
 implementations that cannot take a 4-D float mask (only "eager" and "sdpa" can).
 
@@ -49,7 +53,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import HFAdapter, additive_key_bias, check_cached, check_inputs, default_positions, keep_mask
+from ..base import HFAdapter, Inputs, additive_key_bias, default_positions, keep_mask
 
 _MASK_READY_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
@@ -143,20 +147,28 @@ class DreamAdapter(HFAdapter):
         n = getattr(self.model.config, "max_position_embeddings", None)
         return int(n) if n is not None else None
 
-    def forward(self, *, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                logits_from: int = 0) -> Tensor:
-        B, L = check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, logits_from, self.max_length)
-        keep, bias, positions = self._masks(B, L, input_ids, inputs_embeds, attention_mask, position_ids)
-        out = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
+    def _forward(self, x: Inputs, logits_from: int) -> Tensor:
+        return self.model.lm_head(self._hidden(x, logits_from))
+
+    def _hidden_states(self, x: Inputs) -> Tensor:
+        """The LM head's input per row, realigned like the logits (`shift_logits`): row i holds the
+        hidden state whose logits `forward` gives at row i."""
+        return self._hidden(x, 0)
+
+    def output_head(self) -> tuple:
+        head = self.model.lm_head
+        return head.weight, head.bias, 1.0
+
+    def _hidden(self, x: Inputs, logits_from: int) -> Tensor:
+        """Rows [logits_from, L) of the final hidden states, realigned when `shift_logits`."""
+        keep, bias, positions = self._masks(x)
+        out = self.model.model(**x.model_kwargs(), attention_mask=bias,
                                position_ids=positions, use_cache=False, output_attentions=False,
                                output_hidden_states=False, return_dict=True)
         hidden = out[0]
         if self.shift_logits:
-            hidden = self._shift(hidden, keep, logits_from)
-        else:
-            hidden = hidden[:, logits_from:]
-        return self.model.lm_head(hidden)
+            return self._shift(hidden, keep, logits_from)
+        return hidden[:, logits_from:]
 
     @property
     def cache_lead(self) -> int:
@@ -167,22 +179,17 @@ class DreamAdapter(HFAdapter):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return int(cfg.num_hidden_layers), int(cfg.num_key_value_heads), int(head_dim)
 
-    def forward_cached(self, *, cache, start: int, input_ids: Optional[Tensor] = None,
-                       inputs_embeds: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                       position_ids: Optional[Tensor] = None, logits_from: Optional[int] = None,
-                       logits_to: Optional[int] = None) -> Tensor:
-        from ..cache import transformers_cache
-        b, n, L, lo, hi = check_cached(cache, start, input_ids, inputs_embeds, attention_mask, position_ids,
-                                       logits_from, logits_to, self.max_length)
+    def _forward_cached(self, cache, start: int, x: Inputs, lo: int, hi: int) -> Tensor:
+        from ...cache import transformers_cache
         if self.shift_logits and start > 0 and lo == 0:
             raise ValueError(f"logits_from: with shift_logits the logits of row {start} read row {start - 1}, "
                              f"outside the window starting at {start} (start the window one row earlier)")
-        keep, bias, positions = self._masks(b, L, input_ids, inputs_embeds, attention_mask, position_ids)
+        n = (x.input_ids if x.input_ids is not None else x.inputs_embeds).shape[1]
+        keep, bias, positions = self._masks(x)
         from transformers import Qwen2Model
         if isinstance(self.model.model, Qwen2Model):
             bias = {"full_attention": bias}  # transformers' ready mapping: no causal mask is built
-        out = self.model.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=bias,
-                               position_ids=positions[:, start:start + n],
+        out = self.model.model(**x.model_kwargs(), attention_mask=bias, position_ids=positions[:, start:start + n],
                                past_key_values=transformers_cache(cache, start), use_cache=False,
                                output_attentions=False, output_hidden_states=False, return_dict=True)
         hidden = out[0]
@@ -190,18 +197,17 @@ class DreamAdapter(HFAdapter):
             return self.model.lm_head(self._shift(hidden, keep, start + lo, offset=start)[:, :hi - lo])
         return self.model.lm_head(hidden[:, lo:hi])
 
-    def _masks(self, B: int, L: int, input_ids, inputs_embeds, attention_mask, position_ids):
+    def _masks(self, x: Inputs):
         """(keep, additive key bias, positions (B, L)) of a forward over a sequence of L positions;
         checks first that the model is still supported (its attention implementation can change
         after patch)."""
         problem = self.unsupported(self.model)
         if problem is not None:
             raise TypeError(f"evofast dream adapter: {type(self.model).__name__}: {problem}")
-        ref = input_ids if input_ids is not None else inputs_embeds
-        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.input_embeddings().weight.dtype
-        keep = keep_mask(attention_mask)
-        bias = additive_key_bias(keep, B, L, dtype, ref.device)
-        positions = default_positions(attention_mask, position_ids, L, ref.device).expand(B, L)
+        dtype = x.inputs_embeds.dtype if x.inputs_embeds is not None else self.input_embeddings().weight.dtype
+        keep = keep_mask(x.attention_mask)
+        bias = additive_key_bias(keep, x.B, x.L, dtype, x.device)
+        positions = default_positions(x.attention_mask, x.position_ids, x.L, x.device).expand(x.B, x.L)
         return keep, bias, positions
 
     @staticmethod

@@ -5,7 +5,7 @@
         [--heads 4] [--seed 0] [--device auto] [--threads N] [--eval-n 200]
 
 Masked-diffusion objective (t ~ U(0, 1), loss weighted 1/t on the masked response
-tokens; see `evofast.pretrain`). DIR receives `model.safetensors` + `config.json`
+tokens; see `evofast.study.pretrain`). DIR receives `model.safetensors` + `config.json`
 (`LLaDAModelLM.from_pretrained` / `AutoModel` after `evofast.models.llada.register()`),
 the character tokenizer (`AutoTokenizer.from_pretrained(DIR)`), `evofast_task.json`
 (so `evofast eval --model DIR` knows the task) and `train_log.json`. With --eval-n > 0
@@ -25,7 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import keeps_torch_threads
+from .common import command, resolve_device
+
+OPTIONS = ("device", "seed", "threads", "progress")
 
 HELP = "pretrain a small LLaDA-architecture model from scratch on a synthetic task (masked diffusion)"
 
@@ -43,49 +45,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the data stream and the masks")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); on a busy machine 1 is often several times "
-                             "faster for these small models")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (its files replaced)")
     parser.add_argument("--eval-n", type=int, default=200, help="test problems to score at the end (0: none)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(seed=0)      # --seed: the weights, the data stream and the masks
 
 
-@keeps_torch_threads
+@command("evofast train-base")
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from . import pretrain
-    from .devices import pick_device
-    from .tasks import parse_task
+    from ..cts.output import check_output_dir
+    from ..study import pretrain
+    from ..tasks import parse_task
 
-    def err(msg):
-        print(f"evofast train-base: error: {msg}", file=sys.stderr)
-        return 2
-
-    try:
-        task = parse_task(args.task, synthetic=True)
-        device = pick_device(args.device)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        model, tok = pretrain.build_model(task, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                                          seed=args.seed)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"train-base: {task!r}, LLaDA d_model {args.d_model}, {args.layers} layers, {args.heads} heads, "
-              f"{n_params / 1e6:.2f} M parameters, vocab {len(tok)}, {device}", file=sys.stderr)
-        log = pretrain.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             warmup=args.warmup, minutes=args.minutes or None, seed=args.seed, device=device,
-                             progress=not args.no_progress)
-    except ValueError as e:
-        return err(str(e))
+    task = parse_task(args.task, synthetic=True)
+    check_output_dir(args.out, overwrite=args.overwrite, names=("--out", "--overwrite", None))
+    device = resolve_device(args.device)
+    model, tok = pretrain.build_model(task, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                                      seed=args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"train-base: {task!r}, LLaDA d_model {args.d_model}, {args.layers} layers, {args.heads} heads, "
+          f"{n_params / 1e6:.2f} M parameters, vocab {len(tok)}, {device}", file=sys.stderr)
+    log = pretrain.train(model, tok, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         warmup=args.warmup, minutes=args.minutes or None, seed=args.seed, device=device,
+                         progress=args.progress)
     log.config.update(task=task.spec(), d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                       parameters=n_params, threads=torch.get_num_threads())
     print(f"train-base: {log.steps} steps ({log.examples} examples) in {log.seconds:.0f} s, "
           f"final loss {log.final_loss:.4f}", file=sys.stderr)
     if args.eval_n > 0:
-        from .evaluate import evaluate
-        res = evaluate(model, tok, task, n=args.eval_n, mode="hard", progress=not args.no_progress)
+        from ..study.evaluate import evaluate
+        res = evaluate(model, tok, task, n=args.eval_n, mode="hard", progress=args.progress)
         log.config["eval"] = {k: res[k] for k in ("n", "correct", "accuracy", "ci95", "mode", "steps")}
         print(f"train-base: hard decoding, steps {res['steps']}: accuracy {res['accuracy']:.3f} "
               f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}] on {res['n']} test problems", file=sys.stderr)
@@ -96,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    from . import cli
+    from .. import cli
     return cli.standalone(sys.modules[__name__], "evofast train-base", argv)
 
 

@@ -23,12 +23,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .ops._checks import integer
+from ..ops._checks import integer
+from ..tasks.base import encode_batch
 
 __all__ = ["build_model", "encode_batch", "masked_diffusion_loss", "train", "save", "TrainLog"]
 
@@ -36,8 +37,8 @@ __all__ = ["build_model", "encode_batch", "masked_diffusion_loss", "train", "sav
 def build_model(task, tok=None, d_model: int = 128, n_layers: int = 4, n_heads: int = 4, seed: int = 0,
                 mlp_ratio: int = 3):
     """A fresh (random) LLaDAModelLM sized for the task's sequences, and its tokenizer."""
-    from .models.llada import LLaDAConfig, LLaDAModelLM
-    from .tasks import make_tokenizer
+    from ..models.llada import LLaDAConfig, LLaDAModelLM
+    from ..tasks import make_tokenizer
 
     for name, v in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("mlp_ratio", mlp_ratio)):
         integer(name, v, lo=1)
@@ -54,36 +55,6 @@ def build_model(task, tok=None, d_model: int = 128, n_layers: int = 4, n_heads: 
         torch.manual_seed(seed)
         model = LLaDAModelLM(config)
     return model, tok
-
-
-def encode_batch(tok, task, examples: Sequence, with_response: bool = True) -> dict:
-    """Token tensors of examples: `input_ids` (B, P [+ G]) with the prompt (and <bos>) left-padded
-    to P = task.prompt_length + 1 and, with_response, G = task.gen_length response tokens
-    (<eos>-padded); `attention_mask` (1 = token), `position_ids` (from the first real token).
-    Responses longer than G are an error (the task's lengths are wrong)."""
-    P, G = task.prompt_length + 1, task.gen_length
-    pad, eos = tok.pad_token_id, tok.eos_token_id
-    B = len(examples)
-    L = P + (G if with_response else 0)
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    am = torch.zeros(B, L, dtype=torch.long)
-    # one tokenizer call per batch, not per example (this runs every training step); none for no examples
-    prompts = tok([ex.prompt for ex in examples])["input_ids"] if B else []
-    if with_response and B:
-        responses = tok([ex.response for ex in examples], add_special_tokens=False)["input_ids"]
-    for i, (ex, p) in enumerate(zip(examples, prompts)):
-        if len(p) > P:
-            raise ValueError(f"prompt {ex.prompt!r}: {len(p)} tokens, more than the task's width {P}")
-        ids[i, P - len(p):P] = torch.tensor(p)
-        am[i, P - len(p):] = 1
-        if with_response:
-            r = responses[i]
-            if len(r) >= G:
-                raise ValueError(f"response {ex.response!r}: {len(r)} tokens, no room for <eos> in gen_length {G}")
-            ids[i, P:P + len(r)] = torch.tensor(r)
-            ids[i, P + len(r):] = eos
-    pos = (am.cumsum(dim=1) - 1).clamp_min(0)
-    return {"input_ids": ids, "attention_mask": am, "position_ids": pos, "prompt_width": P}
 
 
 def masked_diffusion_loss(model, batch: dict, mask_id: int, generator: Optional[torch.Generator] = None,
@@ -200,14 +171,16 @@ def train(model, tok, task, *, steps: int = 2000, batch_size: int = 64, lr: floa
 
 
 def save(model, tok, task, out, log: Optional[TrainLog] = None) -> Path:
-    """save_pretrained (safetensors) + tokenizer + the task spec (+ the training log) in `out`."""
-    from .tasks import TASK_FILE
+    """save_pretrained (safetensors) + tokenizer + the task spec (+ the training log) in `out`, published
+    atomically (an interrupted save leaves no directory that looks like a model)."""
+    from ..tasks import TASK_FILE
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    (out / TASK_FILE).write_text(json.dumps(task.spec(), indent=2) + "\n")
-    if log is not None:
-        (out / "train_log.json").write_text(json.dumps(asdict(log), indent=2) + "\n")
-    return out
+    from ..cts.output import publish
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+        (d / TASK_FILE).write_text(json.dumps(task.spec(), indent=2) + "\n")
+        if log is not None:
+            (d / "train_log.json").write_text(json.dumps(asdict(log), indent=2) + "\n")
+    return publish(out, write)                  # written beside `out`, then moved into place

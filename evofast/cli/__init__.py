@@ -11,9 +11,12 @@ built (each registers its own options), not at `import evofast`.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
+import os
 import sys
+
+from .common import keeps_torch_threads  # noqa: F401  (the commands' wrapper, importable from here)
+from .common import run_options
 
 # benchmark name -> module (run as `evofast bench <name>`)
 BENCHMARKS = {
@@ -26,10 +29,11 @@ BENCHMARKS = {
 
 # top-level command -> module (besides `bench`)
 COMMANDS: dict[str, str] = {
-    "generate": "evofast.cli_generate",
-    "train-cts": "evofast.cli_train_cts",
-    "train-base": "evofast.cli_train_base",
-    "eval": "evofast.cli_eval",
+    "generate": "evofast.cli.generate",
+    "train-cts": "evofast.cli.train_cts",
+    "train-base": "evofast.cli.train_base",
+    "eval": "evofast.cli.eval",
+    "demo": "evofast.cli.demo",
 }
 
 
@@ -42,6 +46,7 @@ def _add_module(subparsers, name: str, module_name: str):
         p.set_defaults(_run=lambda args: _unavailable(name, module_name, problem), _any_args=True)
         return p
     p = subparsers.add_parser(name, help=module.HELP, description=module.__doc__,
+                              parents=[run_options(getattr(module, "OPTIONS", ()))],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
     p.set_defaults(_run=module.run)
@@ -55,7 +60,7 @@ def _unavailable(name: str, module_name: str, problem: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evofast", description="Fused kernels for EvoToken soft-token decoding.")
-    from . import __version__
+    from .. import __version__
     parser.add_argument("--version", action="version", version=f"evofast {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -71,36 +76,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def keeps_torch_threads(run):
-    """Wraps a command's `run`: whatever `torch.set_num_threads` it calls (a --threads option),
-    the caller's thread count is restored afterwards (tests and notebooks call commands in-process)."""
-    @functools.wraps(run)
-    def wrapped(args):
+def quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, when installed, is imported by accelerate and transformers; on a machine without a
+    GPU it then prints a warning line on stdout, where a command's output goes, unless its
+    accelerator is named: name the CPU there (a value the user set is kept)."""
+    if "DS_ACCELERATOR" not in os.environ:
         import torch
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
-        threads = torch.get_num_threads()
-        try:
-            return run(args)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-    return wrapped
+
+#: option dests naming a file a command writes, and their flags: checked before the command runs
+OUTPUT_FILES = {"json": "--json", "plot": "--plot", "trace": "--trace"}
+
+
+def _run_checked(run, args) -> int:
+    """`run(args)` once the output files named on the command line can be written (not a directory,
+    the folder creatable): a bad path fails before any work, not after it."""
+    from .common import CommandError, check_output_file
+
+    try:
+        for dest, flag in OUTPUT_FILES.items():
+            check_output_file(getattr(args, dest, None), flag)
+    except CommandError as e:
+        print(f"evofast: error: {e}", file=sys.stderr)
+        return 2
+    return int(run(args) or 0)
 
 
 def standalone(module, prog: str, argv=None) -> int:
     """Run one command module on its own (its `main`, e.g. from a script under benchmarks/)."""
     parser = argparse.ArgumentParser(prog=prog, description=module.__doc__,
+                                     parents=[run_options(getattr(module, "OPTIONS", ()))],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(argv)) or 0)
+    quiet_deepspeed_on_cpu()
+    return _run_checked(module.run, parser.parse_args(argv))
 
 
 def main(argv=None) -> int:
+    quiet_deepspeed_on_cpu()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "_any_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(args._run(args) or 0)
+    return _run_checked(args._run, args)
 
 
 if __name__ == "__main__":

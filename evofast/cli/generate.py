@@ -25,13 +25,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from .cli import keeps_torch_threads
+from .common import CommandError, check_output_file, command, resolve_device, resolve_dtype, to_flags
 
 HELP = "generate text with EvoToken soft-token decoding (a checkpoint, or --model tiny)"
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+OPTIONS = ("device", "dtype", "seed", "threads", "progress")
+# the library's argument names -> this command's flags (for error messages)
+FLAGS = {"gen_length": "--gen-length", "block_length": "--block-length", "steps": "--steps", "mode": "--mode",
+         "k_soft": "--k-soft", "alpha": "--alpha", "temperature": "--temperature", "remasking": "--remasking",
+         "threshold": "--threshold", "cache": "--cache", "cache_refresh": "--cache-refresh", "mask_id": "--mask-id"}
 MERGE_NOTE = ("note: --merge-lora folds the adapter into the weights; merged bf16 weights round "
               "differently from the unmerged adapter, so tokens are not identical to the authors' runs")
 TINY_NOTE = ("note: --model tiny is a random-weight LLaDA-architecture model (d_model 64, 2 layers) with a "
@@ -61,7 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with a cache, also recompute the whole sequence every N steps")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the forward (CUDA graphs on GPU; falls back to eager)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (temperature > 0)")
     parser.add_argument("--trace", metavar="FILE.html", default=None,
                         help="write a self-contained HTML page of every decoding step")
     parser.add_argument("--lora", metavar="DIR", default=None,
@@ -74,74 +75,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-chat-template", action="store_true", help="never apply the chat template")
     parser.add_argument("--mask-id", type=int, default=None,
                         help="mask token id (default: the config's, else the tokenizer's)")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when available)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--progress", action="store_true", help="a progress bar over the steps")
-
-
-def _device_dtype(args):
-    import torch
-
-    if args.device in (None, "auto"):
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("evofast generate: --device cuda, but no CUDA device is available here")
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    dtype = names.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype
+    parser.set_defaults(progress=False)                 # --progress: a bar over the steps
 
 
 # the loaders live in the library; these names stay importable from here
-from .chat import encode_prompts  # noqa: E402,F401
-from .models.loading import load_checkpoint, load_tiny  # noqa: E402,F401
+from ..chat import encode_prompts  # noqa: E402,F401
+from ..models.loading import load_checkpoint, load_tiny  # noqa: E402,F401
 
 
-@keeps_torch_threads
+@command("evofast generate", FLAGS)
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from . import generation
-    from .models.registry import patch
+    from .. import generation
+    from ..decode import DecodeConfig
+    from ..models.loading import patch_for_generation
 
-    def err(msg):
-        print(f"evofast generate: error: {msg}", file=sys.stderr)
-        return 2
-
-    device, dtype = _device_dtype(args)
+    # every setting checked before anything loads
+    DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps, mode=args.mode,
+                 k_soft=args.k_soft, alpha=args.alpha, temperature=args.temperature, remasking=args.remasking,
+                 threshold=args.threshold, cache=None if args.cache == "none" else args.cache,
+                 cache_refresh=args.cache_refresh)
+    trace_path = check_output_file(args.trace, "--trace")
+    if args.merge_lora and args.lora is None:
+        raise CommandError("--merge-lora needs --lora DIR")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     try:
         if args.model == "tiny":
             print(TINY_NOTE, file=sys.stderr)
-            if device.type == "cpu":
+            if device.type == "cpu" and args.threads is None:
                 torch.set_num_threads(1)                # see load_tiny
             model, tok = load_tiny(device, dtype)
         else:
-            if args.merge_lora and args.lora is None:
-                return err("--merge-lora needs --lora DIR")
             model, tok = load_checkpoint(args.model, device, dtype, args.trust_remote_code,
                                          lora=args.lora, merge_lora=args.merge_lora)
             if args.lora is not None and args.merge_lora:
                 print(MERGE_NOTE, file=sys.stderr)
-        mask_id = args.mask_id
-        if mask_id is None and getattr(getattr(model, "config", None), "mask_token_id", None) is None:
-            mask_id = getattr(tok, "mask_token_id", None)
-        patch(model, mask_id=mask_id)
+        patch_for_generation(model, tok, args.mask_id)
     except (OSError, ValueError, TypeError, ImportError) as e:
-        return err(f"cannot load {args.model!r}: {e}")
+        raise CommandError(f"cannot load {args.model!r}: {to_flags(str(e), FLAGS)}") from None
 
     ids, am = encode_prompts(tok, args.prompt, not args.no_chat_template, device)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    try:
-        out = generation.generate(
-            model, ids, am, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-            mode=args.mode, k_soft=args.k_soft, alpha=args.alpha, temperature=args.temperature,
-            remasking=args.remasking, threshold=args.threshold, cache=None if args.cache == "none" else args.cache,
-            cache_refresh=args.cache_refresh, compile=args.compile, generator=gen, progress=args.progress,
-            return_trace=args.trace is not None)
-    except (ValueError, NotImplementedError) as e:
-        return err(str(e))
+    out = generation.generate(
+        model, ids, am, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+        mode=args.mode, k_soft=args.k_soft, alpha=args.alpha, temperature=args.temperature,
+        remasking=args.remasking, threshold=args.threshold, cache=None if args.cache == "none" else args.cache,
+        cache_refresh=args.cache_refresh, compile=args.compile, generator=gen, progress=args.progress,
+        return_trace=args.trace is not None)
     seconds = time.perf_counter() - t0
     out, trace = out if args.trace is not None else (out, None)
 
@@ -155,17 +138,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s), mode {args.mode}, cache {args.cache}, "
           f"{device}, {str(dtype).replace('torch.', '')}", file=sys.stderr)
     if trace is not None:
-        from .trace import to_html
-        path = Path(args.trace)
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        to_html(trace, tok, path, title=f"evofast generate: {args.model} ({args.mode})")
-        print(f"trace: wrote {path} ({trace.num_steps} steps)", file=sys.stderr)
+        from ..trace import to_html
+        to_html(trace, tok, trace_path, title=f"evofast generate: {args.model} ({args.mode})")
+        print(f"trace: wrote {trace_path} ({trace.num_steps} steps)", file=sys.stderr)
     return 0
 
 
 def main(argv=None) -> int:
-    from . import cli
+    from .. import cli
     return cli.standalone(sys.modules[__name__], "evofast generate", argv)
 
 

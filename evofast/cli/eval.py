@@ -34,11 +34,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from pathlib import Path
 
-from .cli import keeps_torch_threads
+from ..evaluation.loading import load_model_and_task, resolve_task
+from .common import command, resolve_device, resolve_dtype
+
+OPTIONS = ("device", "dtype", "seed", "threads", "progress")
+FLAGS = {"gen_length": "--gen-length", "block_length": "--block-length", "steps": "--steps", "mode": "--mode",
+         "k_soft": "--k-soft", "alpha": "--alpha", "temperature": "--temperature", "threshold": "--threshold",
+         "cache": "--cache", "steps_factor": "--steps-factor", "batch_size": "--batch-size", "task": "--task"}
 
 HELP = "accuracy of a model on the paper's benchmarks (a resumable grid) or a synthetic task"
 
@@ -49,8 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", metavar="DIR", default=None, help="a LoRA adapter directory, loaded unmerged")
     g.add_argument("--merge-lora", action="store_true", help="fold --lora into the weights (not token-identical)")
     g.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own model code")
-    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 on a GPU, fp32 on the CPU")
     g = parser.add_argument_group("task")
     g.add_argument("--task", default=None, metavar="NAME[:k=v,...]",
                    help="gsm8k | math500 | svamp | countdown, or a synthetic task (default: DIR's evofast_task.json)")
@@ -74,60 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, metavar="DIR", help="the run's directory (required for the benchmarks)")
     g.add_argument("--authors-layout", action="store_true", help="also write the authors' result files")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (and the synthetic test sample's)")
     g.add_argument("--json", metavar="FILE", default=None, help="without --out: write the result record here")
-    g.add_argument("--device", default="auto", help="cpu | cuda | cuda:N (default: cuda when available; "
-                                                    "under torchrun cuda:LOCAL_RANK)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--no-progress", action="store_true")
-
-
-def load_model_and_task(path, task_text, device, dtype=None, *, lora=None, merge_lora=False,
-                        trust_remote_code=False):
-    """(model patched for generate, tokenizer, task) of a checkpoint directory."""
-    import torch
-
-    from .models.loading import load_checkpoint
-    from .models.registry import patch
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"--model: {path} is not a directory")
-    task = resolve_task(path, task_text)
-    model, tok = load_checkpoint(str(path), device, dtype or torch.float32, trust_remote_code,
-                                 lora=lora, merge_lora=merge_lora)
-    inner_config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
-    patch(model, mask_id=tok.mask_token_id if getattr(inner_config, "mask_token_id", None) is None else None)
-    return model, tok, task
-
-
-def resolve_task(path: Path, task_text):
-    from .tasks import TASK_FILE, parse_task, task_from_spec
-
-    if task_text:
-        return parse_task(task_text)
-    if (Path(path) / TASK_FILE).exists():
-        return task_from_spec(json.loads((Path(path) / TASK_FILE).read_text()))
-    raise ValueError(f"--task: {path} has no {TASK_FILE}; name the task")
-
-
-def _device_dtype(args):
-    import os
-
-    import torch
-
-    from .devices import pick_device
-    if args.device in (None, "auto") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    else:
-        device = pick_device(args.device)
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    return device, names.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def _grid(args, task, paper: bool):
     """The configurations the flags ask for, with the task's defaults."""
-    from .evaluation import expand_grid
+    from ..evaluation import expand_grid
 
     mode = args.mode or ("evotoken" if paper else "hard")
     if paper:
@@ -167,19 +122,13 @@ def _examples(args, task, paper: bool) -> tuple:
     return exs, data
 
 
-@keeps_torch_threads
+@command("evofast eval", FLAGS)
 def run(args: argparse.Namespace) -> int:
-    import torch
     import torch.distributed as dist
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     owned = dist.is_available() and not dist.is_initialized()    # a group we start, we also end
     try:
         return _run(args)
-    except (OSError, ValueError, ImportError, NotImplementedError) as e:
-        print(f"evofast eval: error: {e}", file=sys.stderr)
-        return 2
     finally:
         if owned and dist.is_initialized():
             # all ranks leave together; without it a rank can abort at exit while gloo still runs
@@ -190,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args) -> int:
     import torch
 
-    from .tasks import PaperTask
+    from ..tasks import PaperTask
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
@@ -201,11 +150,12 @@ def _run(args) -> int:
     task = resolve_task(Path(args.model), args.task)
     paper = isinstance(task, PaperTask)
     if args.lora is not None:
-        from .models.loading import check_lora
+        from ..models.loading import check_lora
         check_lora(args.lora, args.model)
     configs = _grid(args, task, paper)
     examples, data = _examples(args, task, paper)
-    device, dtype = _device_dtype(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if args.out is None:
@@ -217,10 +167,10 @@ def _run(args) -> int:
     store = _claim_store(args, task, data, configs, dtype, device, len(examples))
     model, tok, _ = load_model_and_task(args.model, args.task, device, dtype, lora=args.lora,
                                         merge_lora=args.merge_lora, trust_remote_code=args.trust_remote_code)
-    from .evaluation import run_grid
+    from ..evaluation import run_grid
     run_grid(model, tok, task, examples, configs, store, batch_size=args.batch_size, seed=args.seed,
-             progress=not args.no_progress, authors_layout=args.authors_layout)
-    from .evaluation.runner import distributed_context
+             progress=args.progress, authors_layout=args.authors_layout)
+    from ..evaluation.runner import distributed_context
     if distributed_context(device)[0] == 0:
         print(f"wrote {store.out / 'summary.md'} and summary.json", file=sys.stderr)
     return 0
@@ -228,9 +178,9 @@ def _run(args) -> int:
 
 def _claim_store(args, task, data, configs, dtype, device, n):
     """The run directory, claimed by process 0 before any model loads; every process stops if it fails."""
-    from . import __version__
-    from .evaluation import ResultStore
-    from .evaluation.runner import distributed_context
+    from .. import __version__
+    from ..evaluation import ResultStore
+    from ..evaluation.runner import distributed_context
 
     settings = {"model": str(Path(args.model).resolve()), "lora": args.lora and str(Path(args.lora).resolve()),
                 "merge_lora": args.merge_lora, "trust_remote_code": args.trust_remote_code,
@@ -243,7 +193,7 @@ def _claim_store(args, task, data, configs, dtype, device, n):
     if rank == 0:
         try:
             state = store.claim()
-            if state == "resume" and not args.no_progress:
+            if state == "resume" and args.progress:
                 print(f"evofast eval: resuming the run in {store.out}", file=sys.stderr)
         except ValueError as e:
             problem = str(e)
@@ -259,9 +209,9 @@ def _claim_store(args, task, data, configs, dtype, device, n):
 
 def _one_configuration(args, task, examples, config, device, dtype) -> int:
     """A synthetic task's single configuration, in memory: one line, and a JSON record with --json."""
-    from .bench import _common
-    from .evaluate import evaluate
-    from .evaluation.runner import distributed_context
+    from ..bench import _common
+    from ..study.evaluate import evaluate
+    from ..evaluation.runner import distributed_context
 
     model, tok, _ = load_model_and_task(args.model, args.task, device, dtype, lora=args.lora,
                                         merge_lora=args.merge_lora, trust_remote_code=args.trust_remote_code)
@@ -270,7 +220,7 @@ def _one_configuration(args, task, examples, config, device, dtype) -> int:
                    steps=config.steps, gen_length=config.gen_length, block_length=config.block_length,
                    k_soft=config.k_soft or 3, alpha=config.alpha if config.alpha is not None else 0.7,
                    temperature=config.temperature, threshold=config.threshold, batch_size=args.batch_size,
-                   progress=not args.no_progress)
+                   progress=args.progress)
     if rank != 0:
         return 0
     res = {"model": str(args.model), **res, "command": _common.command_line(), "env": _common.environment(device)}
@@ -284,7 +234,7 @@ def _one_configuration(args, task, examples, config, device, dtype) -> int:
 
 
 def main(argv=None) -> int:
-    from . import cli
+    from .. import cli
     return cli.standalone(sys.modules[__name__], "evofast eval", argv)
 
 
