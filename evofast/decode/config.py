@@ -17,7 +17,7 @@ __all__ = ["DecodeConfig", "MODES", "CACHES", "check_prompt"]
 
 MODES = ("evotoken", "hard")
 CACHES = (None, "prefix", "dual")
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
 
 fail = _checks.fail
 
@@ -43,6 +43,9 @@ class DecodeConfig:
     temperature: float = 0.0
     remasking: str = "low_confidence"
     threshold: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    policy: Optional[object] = None     # a TransferPolicy or an evofast.ops.STDD (None: from threshold)
     cache: Optional[str] = None
     cache_refresh: Optional[int] = None
     compile: bool = False
@@ -62,9 +65,14 @@ class DecodeConfig:
         if self.remasking not in REMASKING:
             fail("remasking", f"must be one of {REMASKING}, got {self.remasking!r}")
         if self.threshold is not None:
-            # confidences are probabilities: 0 keeps every eligible position (a block in one
-            # forward), 1 only the most confident one per forward
-            put("threshold", _checks.real("threshold", self.threshold, 0.0, 1.0))
+            put("threshold", self._check_tau("threshold", self.threshold))
+        if self.top_k is not None:
+            put("top_k", _checks.integer("top_k", self.top_k, 1))
+        if self.top_p is not None:
+            put("top_p", _checks.real("top_p", self.top_p, 0.0, 1.0))
+            if self.top_p == 0.0:
+                fail("top_p", "must be > 0 (the nucleus holds at least one token)")
+        self._check_policy()
         for name in ("gen_length", "block_length", "steps"):
             put(name, _positive_int(name, getattr(self, name)))
         if self.gen_length % self.block_length:
@@ -81,6 +89,34 @@ class DecodeConfig:
             put("cache_refresh", _positive_int("cache_refresh", self.cache_refresh))
         if not isinstance(self.compile, bool):
             fail("compile", f"expected a bool, got {self.compile!r}")
+
+    def _check_tau(self, name: str, tau) -> float:
+        """A global threshold on this remasking's confidences: probabilities for "low_confidence",
+        "topk_margin" and "random" (0 keeps every eligible position, a block in one forward; 1
+        only the most confident one per forward), the negative entropy (<= 0) for "entropy"."""
+        if self.remasking == "entropy":
+            return _checks.real(name, tau, hi=0.0)
+        return _checks.real(name, tau, 0.0, 1.0)
+
+    def _check_policy(self) -> None:
+        from ..ops import STDD
+        from .policies import Stdd, Threshold, TransferPolicy
+
+        p = self.policy
+        if p is None:
+            return
+        if not isinstance(p, (STDD, TransferPolicy)):
+            fail("policy", f"expected an evofast.ops.STDD or an evofast.decode.TransferPolicy, "
+                           f"got {type(p).__name__}")
+        if self.threshold is not None:
+            fail("threshold", f"cannot be combined with policy={type(p).__name__} (the policy decides what "
+                              "is decoded); pass one of them")
+        if isinstance(p, Threshold):
+            self._check_tau("policy", p.tau)
+        stdd = p if isinstance(p, STDD) else p.params if isinstance(p, Stdd) else None
+        if stdd is not None and self.remasking == "entropy" and stdd.tau > 0:
+            fail("policy", f"STDD's tau={stdd.tau} lies above every remasking='entropy' confidence (they "
+                           "are <= 0); give STDD(tau=..., tau_min=..., tau_max=...) at most 0")
 
     @property
     def blocks(self) -> int:

@@ -22,7 +22,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              block_length: int = 32, steps: int = 64, mode: str = "evotoken", k_soft: int = 3,
              alpha: float = 0.7, temperature: float = 0.0, remasking: str = "low_confidence",
              threshold: Optional[float] = None, cache: Optional[str] = None,
-             generator: Optional[torch.Generator] = None, *, cache_refresh: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, *, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, policy=None, cache_refresh: Optional[int] = None,
              compile: bool = False, progress: bool = False, return_trace: bool = False,
              backend: Optional[str] = None, stats: Optional[dict] = None,
              observers: Sequence[Observer] = ()):
@@ -39,10 +40,26 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         mode: "evotoken" (soft tokens and revision) or "hard" (the authors' plain
             masked-diffusion `generate`; k_soft / alpha unused).
         k_soft (1..16), alpha ([0, 1), the mask weight), temperature (>= 0, Gumbel-max in
-        float64), remasking ("low_confidence" | "random"): docs/semantics.md.
-        threshold: in [0, 1]: decode every eligible position at least this confident (the
-            most confident one always) instead of the step schedule; a block then takes as
-            many forwards as it needs (at most block_length), so `steps` sets nothing.
+        float64): docs/semantics.md.
+        remasking: the confidence that ranks positions (and that the revision compares):
+            "low_confidence" (the probability of the chosen token), "random" (uniform),
+            "topk_margin" (top-1 minus top-2 probability) or "entropy" (the negative
+            entropy of the distribution, <= 0).
+        threshold: decode every eligible position at least this confident (the most
+            confident one always) instead of the step schedule; a block then takes as many
+            forwards as it needs (at most block_length), so `steps` sets nothing. In [0, 1]
+            (<= 0 with remasking "entropy").
+        top_k, top_p: sampling filters at temperature > 0 (nothing at 0): the draw keeps the
+            `top_k` (>= 1) most likely tokens and / or the smallest most likely set whose
+            probability reaches `top_p` (in (0, 1]); the confidence then measures that filtered,
+            tempered distribution (Dream's convention). Fused backends do `top_k <= 64` in their
+            single pass; `top_p` and larger `top_k` run the torch reference step.
+        policy: which eligible positions a step decodes, instead of `threshold`: an
+            `evofast.ops.STDD` (per-position thresholds that rise while a position's confidence
+            still moves or disagrees with its neighbours; `STDD(tau, lam_t=0, lam_s=0)` is
+            `threshold=tau` exactly) or an `evofast.decode.TransferPolicy` (`Schedule()`,
+            `Threshold(tau)`, `Stdd(STDD(...))`). None: the step schedule, or `threshold`'s.
+            Not together with `threshold`.
         cache: None (every forward runs the whole sequence), "prefix" (the prompt and finished
             blocks come from a KV cache) or "dual" (the suffix too; only the current block is
             run); approximate by design (`evofast.decode.cache_plan`). The adapter must list it
@@ -68,7 +85,8 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     """
     config = DecodeConfig(gen_length=gen_length, block_length=block_length, steps=steps, mode=mode, k_soft=k_soft,
                           alpha=alpha, temperature=temperature, remasking=remasking, threshold=threshold,
-                          cache=cache, cache_refresh=cache_refresh, compile=compile, backend=backend)
+                          top_k=top_k, top_p=top_p, policy=policy, cache=cache, cache_refresh=cache_refresh,
+                          compile=compile, backend=backend)
     if generator is not None and not isinstance(generator, torch.Generator):
         _checks.fail("generator", f"expected a torch.Generator, got {type(generator).__name__}")
     if stats is not None and not isinstance(stats, dict):
@@ -76,7 +94,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     adapter = _get_adapter(model)
     config.check_adapter(adapter)
     state = _start(adapter, config, input_ids, attention_mask)
-    policy = policy_for(config.threshold)
+    policy = policy_for(config.threshold, config.policy)
     watchers = list(observers) + ([ProgressBar(policy)] if progress else [])
     recorder = TraceRecorder() if return_trace else None
     if recorder is not None:
@@ -109,8 +127,10 @@ def _one_step(state: DecodeState, step, forward: ModelForward, policy, watchers,
     ids, w, transfer = _evo_step(
         logits, xs, cs, row0=step.row0, block_start=per_row(step.block_start if c.soft else step.block_end),
         block_end=per_row(step.block_end), prompt_len=state.P, mask_id=state.mask_id, k_soft=c.k_soft,
-        alpha=c.alpha, temperature=c.temperature, remasking=c.remasking, generator=generator, backend=c.backend,
-        check_ids=False, **policy.step_kwargs(state, step))     # x is built here from checked prompts
+        alpha=c.alpha, temperature=c.temperature, remasking=c.remasking, top_k=c.top_k, top_p=c.top_p,
+        generator=generator, backend=c.backend, check_ids=False,   # x is built here from checked prompts
+        **policy.step_kwargs(state, step))
+    policy.after_step(state, step)
     out = StepOutput(logits, ids, w, transfer)
     for o in watchers:
         o.after_evo_step(state, step, out)
