@@ -80,10 +80,32 @@ def test_batch_of_prompts_and_hard_mode(capsys):
     (("--gen-length", "10", "--block-length", "4"), "gen_length"),
     (("--cache", "prefix", "--cache-refresh", "0"), "cache_refresh"),
     (("--alpha", "1.5"), "alpha"),
+    (("--top-k", "0"), "--top-k (top_k):"),
+    (("--top-p", "1.5"), "--top-p (top_p):"),
+    (("--threshold", "1.5"), "--threshold (threshold):"),
+    (("--remasking", "entropy", "--threshold", "0.5"), "--threshold (threshold):"),
+    (("--policy", "threshold"), "--policy threshold needs --threshold"),
+    (("--policy", "stdd", "--threshold", "0.5"), "--threshold: only with --policy threshold"),
+    (("--stdd-tau", "0.5"), "--stdd-tau: only with --policy stdd"),
+    (("--policy", "stdd", "--stdd-tau", "0.5", "--stdd-tau-max", "0.4"), "--stdd-tau (tau):"),
+    (("--policy", "stdd", "--stdd-window", "0"), "--stdd-window (window):"),
+    (("--policy", "stdd", "--remasking", "entropy"), "--policy (policy):"),
 ])
 def test_bad_arguments_are_reported(capsys, args, what):
     code, out, err = _main(capsys, "--model", "tiny", "--prompt", "hi", *args)
     assert code == 2 and what in err and "Traceback" not in err and not out
+
+
+@pytest.mark.parametrize("args", [
+    ("--policy", "stdd", "--stdd-tau", "0.2", "--stdd-lam-t", "2", "--stdd-radius", "2", "--remasking", "topk_margin"),
+    ("--remasking", "entropy", "--threshold", "-2"),
+    ("--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--policy", "schedule"),
+], ids=["stdd", "entropy-threshold", "filters"])
+def test_decoding_policy_flags(capsys, args):
+    code, out, err = _main(capsys, "--model", "tiny", "--prompt", "hi", "--gen-length", "8", "--block-length", "4",
+                           "--steps", "4", *args)
+    assert code == 0, err
+    assert out.strip()
 
 
 def test_missing_checkpoint_is_reported(capsys):

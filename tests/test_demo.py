@@ -72,7 +72,8 @@ def _get(url):
     {"mode": "evotoken", **SMALL},
     {"mode": "hard", "cache": "dual", **SMALL},
     {"mode": "evotoken", "policy": "threshold", "threshold": 0.05, "alpha": 0.5, "k_soft": 2, **SMALL},
-], ids=["evotoken", "hard-dual", "threshold"])
+    {"mode": "evotoken", "policy": "stdd", "tau": 0.05, "lam_t": 2.0, "lam_s": 0.5, **SMALL},
+], ids=["evotoken", "hard-dual", "threshold", "stdd"])
 def test_stream_is_the_trace_of_generate(tiny, settings):
     """Each streamed step holds the tokens and states `generate(..., return_trace=True)` records for the same
     settings, in order, then the answer."""
@@ -109,7 +110,8 @@ def test_stream_is_the_trace_of_generate(tiny, settings):
     ({"k_soft": 0}, "k_soft"),
     ({"steps": 2.5}, "steps: expected an integer"),
     ({"policy": "threshold", "threshold": 2}, "threshold"),
-    ({"policy": "stdd"}, "policy: must be one of"),
+    ({"policy": "nucleus"}, "policy: must be one of"),
+    ({"policy": "stdd", "tau": 1.5}, "tau"),
     ({"cache": "full"}, "cache: must be one of"),
     ({"gen_length": 4096, "block_length": 32, "steps": 64}, "gen_length: at most"),
     ({"prompt": "  "}, "prompt:"),
@@ -155,7 +157,7 @@ def test_info_page_and_shared_drawing_code(tiny):
     info = json.loads(raw)
     assert info["model"] == "tiny" and "nonsense" in info["note"] and info["task"] is None
     assert info["defaults"]["prompt"] and info["defaults"]["mode"] == "evotoken"
-    assert [p["name"] for p in info["choices"]["policy"]] == ["schedule", "threshold"]
+    assert [p["name"] for p in info["choices"]["policy"]] == ["schedule", "threshold", "stdd"]
     assert info["choices"]["cache"] == ["none", "prefix", "dual"]
     code, ctype, page = _get(tiny.url)
     assert ctype.startswith("text/html") and b'src="/static/view.js"' in page and b'src="/static/demo.js"' in page

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 __all__ = ["OPTION_NAMES", "run_options", "command", "CommandError", "resolve_device", "resolve_dtype",
-           "check_output_file", "check_output_dir", "to_flags", "keeps_torch_threads"]
+           "check_output_file", "check_output_dir", "to_flags", "keeps_torch_threads", "add_policy_arguments",
+           "policy_kwargs", "POLICY_FLAGS"]
 
 OPTION_NAMES = ("device", "seed", "threads", "dtype", "progress")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -90,6 +91,67 @@ def command(prog: str, flags: Optional[dict] = None):
                 return 2
         return wrapped
     return wrap
+
+
+# ------------------------------------------------------------------ decoding: what a step decodes
+REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
+POLICIES = ("schedule", "threshold", "stdd")
+# STDD's parameters: (flag, type, help); the defaults are evofast.ops.STDD's
+STDD_FLAGS = {"tau": ("--stdd-tau", float, "base threshold"),
+              "lam_t": ("--stdd-lam-t", float, "weight of the temporal variation (confidence still moving)"),
+              "lam_s": ("--stdd-lam-s", float, "weight of the spatial deviation (disagreeing with neighbours)"),
+              "tau_min": ("--stdd-tau-min", float, "lowest threshold"),
+              "tau_max": ("--stdd-tau-max", float, "highest threshold"),
+              "window": ("--stdd-window", int, "confidences per position the variation looks at"),
+              "radius": ("--stdd-radius", int, "neighbours on each side the deviation compares with")}
+# the library's argument names -> the flags below (merge into a command's FLAGS)
+POLICY_FLAGS = {"remasking": "--remasking", "top_k": "--top-k", "top_p": "--top-p", "threshold": "--threshold",
+                "policy": "--policy", **{name: flag for name, (flag, _, _) in STDD_FLAGS.items()}}
+
+
+def add_policy_arguments(parser) -> None:
+    """--remasking, --top-k, --top-p, --policy and its parameters (--threshold, --stdd-*)."""
+    from ..ops import STDD
+
+    g = parser.add_argument_group("what a step decodes")
+    g.add_argument("--remasking", choices=REMASKING, default="low_confidence",
+                   help="the confidence that ranks positions: the chosen token's probability (default), random, "
+                        "top-1 minus top-2 probability, or the negative entropy (<= 0)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="with --temperature > 0: sample among the K most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="with --temperature > 0: sample within the smallest set of probability >= P")
+    g.add_argument("--policy", choices=POLICIES, default=None,
+                   help="schedule: each block's masks split evenly over its steps; threshold: every position at "
+                        "least --threshold confident; stdd: per-position thresholds that rise while a position's "
+                        "confidence still moves or disagrees with its neighbours (--stdd-*). Default: threshold "
+                        "when --threshold is given, else schedule")
+    g.add_argument("--threshold", type=float, default=None, metavar="C",
+                   help="the confidence --policy threshold needs (implies it)")
+    defaults = STDD()
+    for name, (flag, kind, text) in STDD_FLAGS.items():
+        g.add_argument(flag, dest=f"stdd_{name}", type=kind, default=None, metavar="X" if kind is float else "N",
+                       help=f"--policy stdd: {text} ({getattr(defaults, name):g})")
+
+
+def policy_kwargs(args) -> dict:
+    """`generate`'s remasking / top_k / top_p / threshold / policy from add_policy_arguments' flags;
+    CommandError for flags that do not fit together, ValueError (naming the argument) from STDD."""
+    policy = args.policy or ("threshold" if args.threshold is not None else "schedule")
+    given = {name: getattr(args, f"stdd_{name}") for name in STDD_FLAGS}
+    given = {name: v for name, v in given.items() if v is not None}
+    if given and policy != "stdd":
+        raise CommandError(f"{STDD_FLAGS[next(iter(given))][0]}: only with --policy stdd (got --policy {policy})")
+    if policy == "threshold" and args.threshold is None:
+        raise CommandError("--policy threshold needs --threshold C")
+    if policy != "threshold" and args.threshold is not None:
+        raise CommandError(f"--threshold: only with --policy threshold (got --policy {policy}; "
+                           "--stdd-tau is STDD's base threshold)")
+    kw = dict(remasking=args.remasking, top_k=args.top_k, top_p=args.top_p, threshold=args.threshold)
+    if policy == "stdd":
+        from ..ops import STDD
+        kw["policy"] = STDD(**given)
+    return kw
 
 
 # the library's advice in Python terms -> the command line's

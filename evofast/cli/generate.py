@@ -2,7 +2,9 @@
 
     evofast generate --model PATH_OR_tiny --prompt "..." [--prompt "..." ...]
         [--mode evotoken|hard] [--steps N] [--gen-length N] [--block-length N]
-        [--k-soft K] [--alpha A] [--temperature T] [--threshold C] [--seed S]
+        [--k-soft K] [--alpha A] [--temperature T [--top-k K] [--top-p P]] [--seed S]
+        [--remasking low_confidence|random|topk_margin|entropy]
+        [--policy schedule | --threshold C | --policy stdd [--stdd-tau X --stdd-lam-t X ...]]
         [--trace out.html] [--lora DIR [--merge-lora]] [--trust-remote-code] [--device cpu|cuda]
         [--dtype auto|fp32|bf16|fp16]
 
@@ -26,14 +28,15 @@ import argparse
 import sys
 import time
 
-from .common import CommandError, check_output_file, command, resolve_device, resolve_dtype, to_flags
+from .common import (POLICY_FLAGS, CommandError, add_policy_arguments, check_output_file, command,
+                     policy_kwargs, resolve_device, resolve_dtype, to_flags)
 
 HELP = "generate text with EvoToken soft-token decoding (a checkpoint, or --model tiny)"
 OPTIONS = ("device", "dtype", "seed", "threads", "progress")
 # the library's argument names -> this command's flags (for error messages)
 FLAGS = {"gen_length": "--gen-length", "block_length": "--block-length", "steps": "--steps", "mode": "--mode",
-         "k_soft": "--k-soft", "alpha": "--alpha", "temperature": "--temperature", "remasking": "--remasking",
-         "threshold": "--threshold", "cache": "--cache", "cache_refresh": "--cache-refresh", "mask_id": "--mask-id"}
+         "k_soft": "--k-soft", "alpha": "--alpha", "temperature": "--temperature", "cache": "--cache",
+         "cache_refresh": "--cache-refresh", "mask_id": "--mask-id", **POLICY_FLAGS}
 MERGE_NOTE = ("note: --merge-lora folds the adapter into the weights; merged bf16 weights round "
               "differently from the unmerged adapter, so tokens are not identical to the authors' runs")
 TINY_NOTE = ("note: --model tiny is a random-weight LLaDA-architecture model (d_model 64, 2 layers) with a "
@@ -53,9 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-soft", type=int, default=3, metavar="K", help="top-k of a soft token (3)")
     parser.add_argument("--alpha", type=float, default=0.7, metavar="A", help="mask weight of a soft mask (0.7)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    parser.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
-    parser.add_argument("--threshold", type=float, default=None, metavar="C",
-                        help="confidence-threshold parallel decoding (default: the step schedule)")
     parser.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
                         help="KV cache: none (default), prefix (prompt and finished blocks cached) or dual "
                              "(the masked suffix too: only the current block is run)")
@@ -75,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-chat-template", action="store_true", help="never apply the chat template")
     parser.add_argument("--mask-id", type=int, default=None,
                         help="mask token id (default: the config's, else the tokenizer's)")
+    add_policy_arguments(parser)
     parser.set_defaults(progress=False)                 # --progress: a bar over the steps
 
 
@@ -92,10 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from ..models.loading import patch_for_generation
 
     # every setting checked before anything loads
+    decoding = policy_kwargs(args)
     DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps, mode=args.mode,
-                 k_soft=args.k_soft, alpha=args.alpha, temperature=args.temperature, remasking=args.remasking,
-                 threshold=args.threshold, cache=None if args.cache == "none" else args.cache,
-                 cache_refresh=args.cache_refresh)
+                 k_soft=args.k_soft, alpha=args.alpha, temperature=args.temperature,
+                 cache=None if args.cache == "none" else args.cache, cache_refresh=args.cache_refresh, **decoding)
     trace_path = check_output_file(args.trace, "--trace")
     if args.merge_lora and args.lora is None:
         raise CommandError("--merge-lora needs --lora DIR")
@@ -122,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
     out = generation.generate(
         model, ids, am, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
         mode=args.mode, k_soft=args.k_soft, alpha=args.alpha, temperature=args.temperature,
-        remasking=args.remasking, threshold=args.threshold, cache=None if args.cache == "none" else args.cache,
-        cache_refresh=args.cache_refresh, compile=args.compile, generator=gen, progress=args.progress,
+        cache=None if args.cache == "none" else args.cache, cache_refresh=args.cache_refresh, **decoding,
+        compile=args.compile, generator=gen, progress=args.progress,
         return_trace=args.trace is not None)
     seconds = time.perf_counter() - t0
     out, trace = out if args.trace is not None else (out, None)

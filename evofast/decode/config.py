@@ -116,7 +116,7 @@ class DecodeConfig:
         stdd = p if isinstance(p, STDD) else p.params if isinstance(p, Stdd) else None
         if stdd is not None and self.remasking == "entropy" and stdd.tau > 0:
             fail("policy", f"STDD's tau={stdd.tau} lies above every remasking='entropy' confidence (they "
-                           "are <= 0); give STDD(tau=..., tau_min=..., tau_max=...) at most 0")
+                           "are <= 0); lower tau, tau_min and tau_max to at most 0")
 
     @property
     def blocks(self) -> int:

@@ -42,7 +42,16 @@ POLICIES = {
                        lambda values: {"threshold": None}),
     "threshold": Policy("confidence threshold (every position at least this confident; steps set nothing)",
                         {"threshold": (0.9, 0.0, 1.0)}, lambda values: {"threshold": values["threshold"]}),
+    "stdd": Policy("STDD (a threshold per position, raised by lam_t while its confidence still moves and by "
+                   "lam_s while it disagrees with its neighbours; steps set nothing)",
+                   {"tau": (0.9, 0.0, 1.0), "lam_t": (1.0, 0.0, 10.0), "lam_s": (1.0, 0.0, 10.0)},
+                   lambda values: {"policy": _stdd(**values)}),
 }
+
+
+def _stdd(**params):
+    from ..ops import STDD
+    return STDD(**params)
 
 
 @dataclass
