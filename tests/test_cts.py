@@ -1,5 +1,5 @@
 """evofast.cts: the collator's distribution and errors, and cts_loss against a straightforward
-eager restatement of spec/evotoken.md section 3 written here (loss and every LoRA gradient,
+eager restatement of docs/semantics.md §3 written here (loss and every LoRA gradient,
 backward=False and True, gradient checkpointing), plus bad input."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""CTS training (continuous trajectory supervision, spec/evotoken.md section 3), fused.
+"""CTS training (continuous trajectory supervision, docs/semantics.md §3), fused.
 
     from evofast import cts
     batch = cts.CTSCollator(mask_id, pad_id, K=4)(examples)

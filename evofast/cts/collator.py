@@ -1,14 +1,14 @@
-"""`CTSCollator`: the noising of spec/evotoken.md section 3, vectorised over the batch.
+"""`CTSCollator`: the noising of docs/semantics.md §3, vectorised over the batch.
 
 Per batch: right-pad to the longest example; with probability `extra_pad_prob`
-(QUIRK, 0.5) append 1..`max_extra_pad` (10) more pad tokens to every row (they are
-ordinary supervised tokens; never past `max_length`); draw `d` from `per_de_nums` and a block length `Lb`
+(0.5; a quirk of the authors' collator) append 1..`max_extra_pad` (10) more pad tokens
+to every row (they are ordinary supervised tokens; never past `max_length`); draw `d` from `per_de_nums` and a block length `Lb`
 from `block_sizes`; clip `Lb` to `N - max(P)`; if `K * d >= Lb`, `Lb = K * d + 1`.
 Per row: block start uniform in `[P, N - Lb]` (`N - Lb` when that range is
 empty), a random permutation `perm` of the block, `m` uniform in `[0, Lb - K d]`;
 positions `st + perm[m:]` and everything after the block are masked, and
 `next[k, j] = st + perm[m + k d + j]`. Uniform integers are `floor(u * n)`,
-permutations `argsort` of uniforms, so the distribution is the spec's.
+permutations `argsort` of uniforms, so the distribution is the one docs/semantics.md describes.
 
 The two halves are separate methods: `pad` (deterministic: drops unusable examples,
 pads) and `noise(padded, generator)` (every random draw). The draws of a call come
@@ -156,7 +156,7 @@ class CTSCollator:
 
         clean, P = padded["input_ids"], padded["prompt_lengths"]
         B, N = clean.shape
-        if float(u(1)) < self.extra_pad_prob:                           # QUIRK: extra supervised pads
+        if float(u(1)) < self.extra_pad_prob:                           # the authors' extra supervised pads
             N += 1 + int(u(1) * self.max_extra_pad) % self.max_extra_pad if self.max_extra_pad else 0
             if self.max_length is not None:                             # never past what the model takes
                 N = max(min(N, self.max_length), clean.shape[1])

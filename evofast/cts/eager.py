@@ -1,9 +1,9 @@
-"""The straightforward eager CTS loss: spec/evotoken.md section 3 as the authors' trainer runs it.
+"""The straightforward eager CTS loss: docs/semantics.md §3 as the authors' trainer runs it.
 
 Every step computes full-vocabulary logits for every position, the cross-entropy
 over them with `ignore_index`, a float64 softmax of every position for the soft
 representation (one batch row at a time, as the authors' `process_soft_token`),
-and the soft input embedding by autograd (spec 1); all K graphs stay alive for
+and the soft input embedding by autograd (docs/semantics.md §1); all K graphs stay alive for
 one backward. It is the ground truth of the tests and the baseline of
 `evofast bench cts`; nothing in it is fused.
 """
@@ -23,13 +23,14 @@ from .loss import base_model, check_batch, draw_alphas
 @torch.no_grad()
 def soft_representation(logits: Tensor, x: Tensor, conf: Tensor, *, mask_id: int, k_soft: int, alpha: float,
                         block_start: int, prompt_len: int):
-    """Spec 3.4 for one row: logits (1, N, V), x (1, N) and conf (1, N) float64 updated in place
+    """CTS loss item 4 (docs/semantics.md §3) for one row: logits (1, N, V), x (1, N) and
+    conf (1, N) float64 updated in place
     -> ids (1, N, k+1), w (1, N, k+1) in the logits dtype."""
     x0 = logits.argmax(dim=-1)                              # M not excluded
     p = torch.softmax(logits.to(torch.float64), dim=-1)     # p includes M
     q = p.gather(-1, x0[..., None]).squeeze(-1)
     frozen = max(block_start, prompt_len)
-    revise = (x != mask_id) & (q > conf)                    # QUIRK: x0 may be M
+    revise = (x != mask_id) & (q > conf)                    # as the authors' code: x0 may be M
     revise[:, :frozen] = False
     x[revise] = x0[revise]
     conf[revise] = q[revise]

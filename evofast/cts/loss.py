@@ -1,4 +1,4 @@
-"""`cts_loss`: the K-step continuous-trajectory-supervision loss of spec/evotoken.md section 3.
+"""`cts_loss`: the K-step continuous-trajectory-supervision loss of docs/semantics.md §3.
 
 Per trajectory step k, with one forward of the backbone up to the final norm
 (`Adapter.hidden_states`):
@@ -13,7 +13,7 @@ Per trajectory step k, with one forward of the backbone up to the final norm
 * in the same pass, on each logits block (`on_logits`): the prediction at the
   step's `next_positions` is written into the ids, then `evofast.ops.evo_step`
   with `exclude_mask=False` and no transfer does the revision and builds the
-  next soft representation (argmax, float64 confidence, top-k: spec 3.4, quirks
+  next soft representation (argmax, float64 confidence, top-k: CTS loss item 4, quirks
   included), so the logits are read once;
 * `backward=True` runs backward after each step (the next step's inputs are
   detached anyway), so one step's activations are alive at a time.
@@ -80,7 +80,7 @@ def check_batch(batch: dict, device: torch.device) -> dict:
 
 
 def draw_alphas(K: int, B: int, alphas: Optional[Tensor], generator: Optional[torch.Generator]) -> list:
-    """(K, B) mask weights as host floats: the given tensor, or U(0.5, 1.0) draws (spec 3.4)."""
+    """(K, B) mask weights as host floats: the given tensor, or U(0.5, 1.0) draws (CTS loss item 4)."""
     if alphas is None:
         return (0.5 + 0.5 * torch.rand((K, B), generator=generator, dtype=torch.float64)).tolist()
     a = torch.as_tensor(alphas, dtype=torch.float64).detach().cpu()
@@ -92,7 +92,7 @@ def draw_alphas(K: int, B: int, alphas: Optional[Tensor], generator: Optional[to
 
 
 class _Trajectory:
-    """What one step's logits hook does (spec 3.3-3.4) on rows `[block_start, N)` of every row.
+    """What one step's logits hook does (CTS loss items 3-4) on rows `[block_start, N)` of every row.
 
     The rows the loss reads are those rows concatenated over the batch, so a logits
     block can span two batch rows: it is split into per-row windows of consecutive
@@ -218,7 +218,7 @@ def cts_loss(model: nn.Module, batch: dict, k_soft: int = 3, alphas: Optional[Te
              backward: bool = False, *, generator: Optional[torch.Generator] = None, grad_scale: float = 1.0,
              mask_id: Optional[int] = None, chunk_size: Optional[int] = None, backend: Optional[str] = None,
              return_steps: bool = False):
-    """The CTS loss `sum_k loss_k / K` of one collated batch (spec/evotoken.md section 3).
+    """The CTS loss `sum_k loss_k / K` of one collated batch (docs/semantics.md §3).
 
     Args:
         model: an evofast-supported model with an output head (LLaDA, Dream / Qwen2, BERT-like

@@ -124,7 +124,7 @@ def evo_step(
             int64 (from `evofast.ops.stdd_state`), which the step reads and updates in place
             (the step's q is appended at every eligible row). Reset a block's positions with
             `evofast.ops.stdd_reset` when the block starts.
-        exclude_mask: False gives the CTS variant (spec 3.4): the mask token is an
+        exclude_mask: False gives the CTS variant (docs/semantics.md, CTS loss item 4): the mask token is an
             ordinary candidate of argmax / softmax / top-k and a revision may write it.
         backend: force a backend for this call (default: `evofast.set_backend` / auto).
         check_finite: raise `NonFiniteLogitsError` on NaN / inf rows (one host sync);
@@ -144,8 +144,8 @@ def evo_step(
         mask weight and the renormalisation) and q `(B, R)` float64 (the confidences).
 
     Sampling (temperature > 0 or remasking="random"): the torch backend draws the
-    spec's float64 uniforms from `generator`; the fused backends draw one seed from
-    it and use a counter-based RNG, so they match the spec in distribution, not
+    float64 uniforms of docs/semantics.md from `generator`; the fused backends draw one seed
+    from it and use a counter-based RNG, so they match it in distribution, not
     bit for bit. Greedy results are identical across backends except on exact ties.
     """
     lg = _checks.tensor("logits", logits, dim=3, dtypes=_checks.LOGIT_DTYPES)

@@ -1,6 +1,6 @@
-"""The `torch` backend: the executable spec of spec/evotoken.md, in plain PyTorch.
+"""The `torch` backend: docs/semantics.md made executable, in plain PyTorch.
 
-Written for clarity, line by line after the spec (section numbers in the
+Written for clarity, line by line after that document (its item numbers in the
 comments); every faster backend is tested against these functions. Arguments are
 already validated and normalised by `evofast.ops.evo_step` / `soft_embed`.
 """
@@ -41,7 +41,7 @@ def evo_step_reference(
     stdd_count: Optional[Tensor] = None,
     return_probs: bool = False,
 ):
-    """One decoding step (spec 2.2 items 2-7). Returns (ids, w, transfer, status), and with
+    """One decoding step (docs/semantics.md, decoding items 2-7). Returns (ids, w, transfer, status), and with
     return_probs also (tp (B, R, k) float32: the top-k probabilities of p, q (B, R) float64)."""
     B, R, V = logits.shape
     M = mask_id
@@ -71,8 +71,8 @@ def evo_step_reference(
         p_filtered = torch.softmax(lt.masked_fill(~keep, -torch.inf), dim=-1)
     x0 = torch.argmax(g, dim=-1)
 
-    # 4. p = softmax(float64(logits)). QUIRK: at temperature 0 the -inf written
-    # into column M is in the logits the softmax reads, so p excludes M.
+    # 4. p = softmax(float64(logits)). At temperature 0 the authors' code writes the
+    # -inf of column M into the logits the softmax reads, so p excludes M (a quirk we keep).
     p_source = g if (temperature == 0) else logits
     p = torch.softmax(p_source.to(torch.float64), dim=-1)
     p_conf = p_filtered if filtered else p                              # the distribution q measures
@@ -174,13 +174,14 @@ def _empty_probs(logits: Tensor, k_soft: int):
 
 
 def normalised_weights(w: Tensor) -> Tensor:
-    """Spec 1: w' = clamp(w, min=0) / max(sum(clamp(w, min=0)), 1e-12)."""
+    """The normalised weights of docs/semantics.md §1: w' = clamp(w, min=0) / max(sum(clamp(w, min=0)), 1e-12)."""
     c = w.clamp_min(0)
     return c / c.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def soft_embed_spec(weight: Tensor, ids: Tensor, w: Tensor) -> Tensor:
-    """Spec 1 exactly as the authors' model computes it (autograd does the rest).
+    """The soft input embedding (docs/semantics.md §1) exactly as the authors' model computes
+    it (autograd does the rest).
 
     Used by the tests as ground truth, including for gradients.
     """
@@ -204,7 +205,8 @@ def soft_embed_fwd_reference(weight: Tensor, ids: Tensor, w: Tensor) -> Tensor:
 
 def soft_embed_bwd_reference(grad: Tensor, weight: Tensor, ids: Tensor, w: Tensor,
                              need_weight: bool, need_w: bool):
-    """Gradients of spec 1 for weight (rows ids, fp32 accumulation) and for w."""
+    """Gradients of the soft input embedding (docs/semantics.md §1) for weight (rows ids, fp32
+    accumulation) and for w."""
     acc = torch.promote_types(weight.dtype, torch.float32)
     g = grad.to(acc)
     wf = w.to(acc)

@@ -1,4 +1,4 @@
-"""`soft_embed`: the weighted embedding gather of spec/evotoken.md section 1.
+"""`soft_embed`: the weighted embedding gather of docs/semantics.md §1.
 
     out[..., :] = sum_j w'[..., j] * weight[ids[..., j], :],
     w' = clamp(w, min=0) / max(sum_j clamp(w, min=0), 1e-12)

@@ -1,4 +1,4 @@
-"""Triton backend of `evo_step` (csrc/README.md, spec/evotoken.md 2.2 items 2-7).
+"""Triton backend of `evo_step` (csrc/README.md; docs/semantics.md, decoding items 2-7).
 
 `evo_step_triton` returns `(ids, w, transfer, status)` with the contract of
 `evo_step_fused`. Three launches; each logits row is read once (the merge re-reads
@@ -36,7 +36,7 @@ columns (M excluded with exclude_mask), `E_v = -log(u_v)`, `u_v = 1 - a_v`,
 `a_v = (r + 0.5) 2^-32` with r the Philox-4x32-10 word `v % 4` of the counter
 `(v // 4, pos, b, 0)` under `seed`; `E_v` is computed in fp32 as `-log1p(-a_v)`,
 which resolves the upper Gumbel tail. Random remasking: `q` is a float64 uniform
-in (0, 1) from 52 bits of the counter `(0, pos, b, 1)`. Both match the spec's
+in (0, 1) from 52 bits of the counter `(0, pos, b, 1)`. Both match the reference's
 float64 draws in distribution, not bit for bit (the torch backend draws from
 the torch.Generator); a draw depends on (seed, b, pos, v) only, not on the tiling.
 
