@@ -61,6 +61,20 @@ def test_grid_names_and_checks():
             expand_grid(**kw)
 
 
+
+def test_grid_with_decoding_options():
+    from evofast.ops import STDD
+    c, = expand_grid(gen_lengths=[32], block_length=8, remasking="topk_margin", top_k=5, top_p=0.9,
+                     stdd=STDD(tau=0.5, lam_s=0.0))
+    assert c.name == ("gen32-steps16-block8-evotoken-k3-alpha0.7-T0-topk_margin-topk5-topp0.9-stdd-tau0.5-lam_t1-"
+                      "lam_s0-tau_min0-tau_max1-window3-radius1")
+    assert c.generate_kwargs()["policy"] == STDD(tau=0.5, lam_s=0.0) and c.as_dict()["stdd"]["tau"] == 0.5
+    for kw, what in [(dict(remasking="margin"), "remasking"), (dict(top_k=0), "top_k"), (dict(top_p=2), "top_p"),
+                     (dict(stdd=STDD(), threshold=0.5), "threshold")]:
+        with pytest.raises(ValueError, match=f"^{what}:"):
+            expand_grid(gen_lengths=[32], block_length=8, **kw)
+
+
 def test_grid_run_writes_records_summary_and_authors_layout(setup, tmp_path, capsys):
     model, data = setup
     out = tmp_path / "run"
@@ -132,6 +146,9 @@ def test_other_settings_into_the_same_out_are_refused_before_loading(setup, tmp_
     (lambda d, m: ["--lora", str(d.parent)], "adapter_config.json"),
     (lambda d, m: ["--merge-lora"], "--merge-lora needs --lora"),
     (lambda d, m: ["--steps", "3"], "steps"),
+    (lambda d, m: ["--top-p", "0"], "--top-p (top_p):"),
+    (lambda d, m: ["--stdd-lam-t", "0"], "--stdd-lam-t: only with --policy stdd"),
+    (lambda d, m: ["--policy", "stdd", "--stdd-tau", "2"], "--stdd-tau (tau):"),
 ])
 def test_bad_input_is_reported_before_loading(setup, tmp_path, capsys, monkeypatch, change, what):
     import evofast.models.loading as loading
@@ -203,3 +220,13 @@ def test_bench_eval_tiny(tmp_path, capsys):
     assert [r["provider"] for r in rows] == ["authors", "evofast-b1", "evofast-b3", "evofast-b3-dual"]
     assert rows[1]["check"] == "ok"                          # batch 1: the authors' tokens
     assert all(r["examples_per_s"] > 0 for r in rows) and rows[2]["examples"] == 6
+
+
+def test_grid_run_with_stdd_and_remasking(setup, tmp_path):
+    model, data = setup
+    out = tmp_path / "stdd"
+    assert _eval(model, data, out, "--limit", "2", "--remasking", "topk_margin", "--policy", "stdd",
+                 "--stdd-tau", "0.05", "--stdd-lam-s", "0") == 0
+    names = json.loads((out / "run.json").read_text())["configurations"]
+    assert len(names) == 4 and all("-topk_margin-stdd-tau0.05-lam_t1-lam_s0-" in n for n in names)
+    assert all(len(_records(out, n)) == 2 for n in names)

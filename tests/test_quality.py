@@ -114,6 +114,11 @@ def test_eval_cli_json_schema(micro_dir, tmp_path, capsys):
     assert {"prompt", "output", "answer", "correct"} <= set(res["samples"][0])
     assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--no-progress"]) == 2
     assert cli.main(["eval", "--model", str(micro_dir), "--steps", "5", "--no-progress"]) == 2   # not per block
+    stdd = tmp_path / "stdd.json"
+    assert cli.main(["eval", "--model", str(micro_dir), "--mode", "evotoken", "--problems", "4", "--no-progress",
+                     "--remasking", "topk_margin", "--policy", "stdd", "--stdd-tau", "0.5", "--json", str(stdd)]) == 0
+    res = json.loads(stdd.read_text())
+    assert res["n"] == 4 and res["remasking"] == "topk_margin" and res["stdd"]["tau"] == 0.5
 
 
 def test_eval_batches_do_not_change_results(micro_dir):

@@ -38,12 +38,13 @@ import sys
 from pathlib import Path
 
 from ..evaluation.loading import load_model_and_task, resolve_task
-from .common import command, resolve_device, resolve_dtype
+from .common import POLICY_FLAGS, add_policy_arguments, command, policy_kwargs, resolve_device, resolve_dtype
 
 OPTIONS = ("device", "dtype", "seed", "threads", "progress")
 FLAGS = {"gen_length": "--gen-length", "block_length": "--block-length", "steps": "--steps", "mode": "--mode",
-         "k_soft": "--k-soft", "alpha": "--alpha", "temperature": "--temperature", "threshold": "--threshold",
-         "cache": "--cache", "steps_factor": "--steps-factor", "batch_size": "--batch-size", "task": "--task"}
+         "k_soft": "--k-soft", "alpha": "--alpha", "temperature": "--temperature", "cache": "--cache",
+         "steps_factor": "--steps-factor", "batch_size": "--batch-size", "task": "--task", "stdd": "--policy",
+         **POLICY_FLAGS}
 
 HELP = "accuracy of a model on the paper's benchmarks (a resumable grid) or a synthetic task"
 
@@ -71,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--k-soft", type=int, default=None, metavar="K")
     g.add_argument("--alpha", type=float, nargs="+", default=None, metavar="A")
     g.add_argument("--temperature", type=float, default=None, metavar="T")
-    g.add_argument("--threshold", type=float, default=None, metavar="C", help="confidence-threshold decoding")
     g.add_argument("--cache", choices=("none", "prefix", "dual"), default="none")
+    add_policy_arguments(parser)
     g = parser.add_argument_group("run")
     g.add_argument("--out", default=None, metavar="DIR", help="the run's directory (required for the benchmarks)")
     g.add_argument("--authors-layout", action="store_true", help="also write the authors' result files")
@@ -85,6 +86,8 @@ def _grid(args, task, paper: bool):
     from ..evaluation import expand_grid
 
     mode = args.mode or ("evotoken" if paper else "hard")
+    decoding = policy_kwargs(args)
+    decoding["stdd"] = decoding.pop("policy", None)
     if paper:
         gens = args.gen_length or list(task.gen_lengths)
         alphas = args.alpha or list(task.alphas)
@@ -97,7 +100,7 @@ def _grid(args, task, paper: bool):
                        block_length=args.block_length or block, alphas=alphas,
                        k_soft=args.k_soft if args.k_soft is not None else k,
                        temperature=args.temperature if args.temperature is not None else temp,
-                       cache=None if args.cache == "none" else args.cache, threshold=args.threshold)
+                       cache=None if args.cache == "none" else args.cache, **decoding)
 
 
 def _examples(args, task, paper: bool) -> tuple:
@@ -219,7 +222,8 @@ def _one_configuration(args, task, examples, config, device, dtype) -> int:
     res = evaluate(model, tok, task, examples=examples, seed=args.seed, mode=config.mode, cache=config.cache,
                    steps=config.steps, gen_length=config.gen_length, block_length=config.block_length,
                    k_soft=config.k_soft or 3, alpha=config.alpha if config.alpha is not None else 0.7,
-                   temperature=config.temperature, threshold=config.threshold, batch_size=args.batch_size,
+                   temperature=config.temperature, threshold=config.threshold, remasking=config.remasking,
+                   top_k=config.top_k, top_p=config.top_p, stdd=config.stdd, batch_size=args.batch_size,
                    progress=args.progress)
     if rank != 0:
         return 0

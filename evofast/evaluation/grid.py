@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional, Sequence
 
-from ..ops import _checks
+from ..decode.config import DecodeConfig
+from ..ops import STDD, _checks
 
 __all__ = ["EvalConfig", "expand_grid"]
 
@@ -32,6 +33,10 @@ class EvalConfig:
     temperature: float = 0.0
     cache: Optional[str] = None
     threshold: Optional[float] = None
+    remasking: str = "low_confidence"
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    stdd: Optional[STDD] = None          # the STDD transfer policy (generate's policy=)
 
     @property
     def name(self) -> str:
@@ -43,12 +48,21 @@ class EvalConfig:
             parts.append(f"cache-{self.cache}")
         if self.threshold is not None:
             parts.append(f"threshold{self.threshold:g}")
+        if self.remasking != "low_confidence":
+            parts.append(self.remasking)
+        if self.top_k is not None:
+            parts.append(f"topk{self.top_k}")
+        if self.top_p is not None:
+            parts.append(f"topp{self.top_p:g}")
+        if self.stdd is not None:
+            parts.append("stdd-" + "-".join(f"{k}{v:g}" for k, v in asdict(self.stdd).items()))
         return "-".join(parts)
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments of `evofast.generate` for this configuration."""
         kw = dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps, mode=self.mode,
-                  temperature=self.temperature, cache=self.cache, threshold=self.threshold)
+                  temperature=self.temperature, cache=self.cache, threshold=self.threshold, remasking=self.remasking,
+                  top_k=self.top_k, top_p=self.top_p, policy=self.stdd)
         if self.mode == "evotoken":
             kw.update(k_soft=self.k_soft, alpha=self.alpha)
         return kw
@@ -60,9 +74,11 @@ class EvalConfig:
 def expand_grid(*, mode: str = "evotoken", gen_lengths: Sequence[int] = (128,), steps: Optional[Sequence[int]] = None,
                 steps_factor: Optional[float] = None, block_length: int = 32, alphas: Iterable[float] = (0.7,),
                 k_soft: int = 3, temperature: float = 0.0, cache: Optional[str] = None,
-                threshold: Optional[float] = None) -> list:
+                threshold: Optional[float] = None, remasking: str = "low_confidence", top_k: Optional[int] = None,
+                top_p: Optional[float] = None, stdd: Optional[STDD] = None) -> list:
     """Every (gen_length, alpha) configuration, in that order. Steps: `steps` (one value, or one per
     gen length) or `steps_factor` * gen_length (default 0.5, the authors' steps = gen / 2).
+    remasking, top_k, top_p and stdd (`generate`'s policy=) as in `evofast.generate`.
     ValueError naming the argument for anything `evofast.generate` would refuse."""
     if mode not in ("evotoken", "hard"):
         _checks.fail("mode", f"must be 'evotoken' or 'hard', got {mode!r}")
@@ -98,5 +114,8 @@ def expand_grid(*, mode: str = "evotoken", gen_lengths: Sequence[int] = (128,), 
         for a in alphas:
             configs.append(EvalConfig(mode=mode, gen_length=g, steps=s, block_length=block_length,
                                       k_soft=_checks.integer("k_soft", k_soft, 1, 16) if mode == "evotoken" else None,
-                                      alpha=a, temperature=temperature, cache=cache, threshold=threshold))
+                                      alpha=a, temperature=temperature, cache=cache, threshold=threshold,
+                                      remasking=remasking, top_k=top_k, top_p=top_p, stdd=stdd))
+    for config in configs:              # generate's own checks, before any model loads
+        DecodeConfig(**config.generate_kwargs())
     return configs

@@ -148,9 +148,8 @@ def _decoding(mode, gen_length, steps, block_length, k_soft, alpha, temperature,
     from ..ops import backends
 
     config, = expand_grid(mode=mode, gen_lengths=[gen_length], steps=[steps], block_length=block_length,
-                          alphas=[alpha], k_soft=k_soft, temperature=temperature, cache=cache, threshold=threshold)
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking: must be 'low_confidence' or 'random', got {remasking!r}")
+                          alphas=[alpha], k_soft=k_soft, temperature=temperature, cache=cache, threshold=threshold,
+                          remasking=remasking)
     if cache_refresh is not None:
         if cache is None:
             raise ValueError("cache_refresh: needs a cache ('prefix' or 'dual'); got cache=None")
@@ -159,7 +158,7 @@ def _decoding(mode, gen_length, steps, block_length, k_soft, alpha, temperature,
         raise ValueError(f"compile: expected true or false, got {compile!r}")
     if backend is not None and backend not in ("torch", "cpp", "triton", "cuda"):
         raise ValueError(f"backend: expected torch, cpp, triton or cuda, got {backend!r} (usable here: {backends()})")
-    return config, dict(remasking=remasking, cache_refresh=cache_refresh, compile=compile, backend=backend)
+    return config, dict(cache_refresh=cache_refresh, compile=compile, backend=backend)
 
 
 def _load(pretrained, tokenizer, device, dtype, lora, merge_lora, trust_remote_code):

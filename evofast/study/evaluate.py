@@ -35,7 +35,8 @@ def _gather(records: list, world: int) -> list:
 def evaluate(model, tok, task, *, n: int = 500, seed: int = 0, mode: str = "hard", cache: Optional[str] = None,
              steps: Optional[int] = None, gen_length: Optional[int] = None, block_length: Optional[int] = None,
              k_soft: int = 3, alpha: float = 0.7, temperature: float = 0.0, threshold: Optional[float] = None,
-             batch_size: int = 128, examples: Optional[list] = None, progress: bool = True,
+             remasking: str = "low_confidence", top_k: Optional[int] = None, top_p: Optional[float] = None,
+             stdd=None, batch_size: int = 128, examples: Optional[list] = None, progress: bool = True,
              keep_samples: int = 8) -> dict:
     """Accuracy (exact match, Wilson 95% interval) and tokens/s of greedy decoding on
     `n` test problems (or the given `examples`). steps defaults to gen_length / 2,
@@ -56,7 +57,8 @@ def evaluate(model, tok, task, *, n: int = 500, seed: int = 0, mode: str = "hard
     test = examples if examples is not None else task.test_set(n, seed)
     config = EvalConfig(mode=mode, gen_length=gen_length, steps=steps, block_length=block_length,
                         k_soft=k_soft if mode == "evotoken" else None, alpha=alpha if mode == "evotoken" else None,
-                        temperature=temperature, cache=cache, threshold=threshold)
+                        temperature=temperature, cache=cache, threshold=threshold, remasking=remasking, top_k=top_k,
+                        top_p=top_p, stdd=stdd)
     mine = list(range(rank, len(test), world))
     bar = None
     if progress and rank == 0:
@@ -86,7 +88,7 @@ def evaluate(model, tok, task, *, n: int = 500, seed: int = 0, mode: str = "hard
         "ci95": [lo, hi], "mode": mode, "cache": cache or "none", "steps": steps, "gen_length": gen_length,
         "block_length": block_length, "k_soft": k_soft if mode == "evotoken" else None,
         "alpha": alpha if mode == "evotoken" else None, "temperature": temperature, "threshold": threshold,
-        "seed": seed, "batch_size": batch_size,
+        "remasking": remasking, "top_k": top_k, "top_p": top_p, "stdd": config.as_dict()["stdd"], "seed": seed, "batch_size": batch_size,
         "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else None,
         "world_size": world, "device": str(device), "samples": records[:keep_samples],
     }
