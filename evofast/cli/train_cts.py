@@ -84,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, metavar="N",
                         help="drop (and count) longer examples (default: the model's limit)")
     parser.add_argument("--extra-pad-prob", type=float, default=0.5, metavar="P",
-                        help="probability of the collator's extra supervised pads (spec QUIRK: 0.5; 0 when the "
-                             "data is already padded to the generation length)")
+                        help="probability of the collator's extra supervised pads (0.5, as the authors' "
+                             "collator; 0 when the data is already padded to the generation length)")
     parser.add_argument("--k-soft", type=int, default=3, metavar="K", help="top-k of a soft token (3)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 mixed precision (on by itself when the accelerate config says bf16)")
