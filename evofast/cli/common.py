@@ -94,7 +94,6 @@ def command(prog: str, flags: Optional[dict] = None):
 
 
 # ------------------------------------------------------------------ decoding: what a step decodes
-REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
 POLICIES = ("schedule", "threshold", "stdd")
 # STDD's parameters: (flag, type, help); the defaults are evofast.ops.STDD's
 STDD_FLAGS = {"tau": ("--stdd-tau", float, "base threshold"),
@@ -111,6 +110,7 @@ POLICY_FLAGS = {"remasking": "--remasking", "top_k": "--top-k", "top_p": "--top-
 
 def add_policy_arguments(parser) -> None:
     """--remasking, --top-k, --top-p, --policy and its parameters (--threshold, --stdd-*)."""
+    from ..decode.config import REMASKING
     from ..ops import STDD
 
     g = parser.add_argument_group("what a step decodes")

@@ -66,12 +66,9 @@ class DecodeConfig:
             fail("remasking", f"must be one of {REMASKING}, got {self.remasking!r}")
         if self.threshold is not None:
             put("threshold", self._check_tau("threshold", self.threshold))
-        if self.top_k is not None:
-            put("top_k", _checks.integer("top_k", self.top_k, 1))
-        if self.top_p is not None:
-            put("top_p", _checks.real("top_p", self.top_p, 0.0, 1.0))
-            if self.top_p == 0.0:
-                fail("top_p", "must be > 0 (the nucleus holds at least one token)")
+        top_k, top_p = _checks.sampling_filters(self.top_k, self.top_p)
+        put("top_k", top_k)
+        put("top_p", top_p)
         self._check_policy()
         for name in ("gen_length", "block_length", "steps"):
             put(name, _positive_int(name, getattr(self, name)))

@@ -98,3 +98,14 @@ def per_rows(device: torch.device, *rows: Tensor) -> list:
         else:
             out.append(r.to(device))
     return out
+
+
+def sampling_filters(top_k, top_p) -> tuple:
+    """(top_k, top_p) checked: None, or an int >= 1 / a number in (0, 1]."""
+    if top_k is not None:
+        top_k = integer("top_k", top_k, 1)
+    if top_p is not None:
+        top_p = real("top_p", top_p, 0.0, 1.0)
+        if top_p == 0.0:
+            fail("top_p", "must be > 0 (a nucleus holds at least one token)")
+    return top_k, top_p

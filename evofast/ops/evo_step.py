@@ -190,7 +190,7 @@ def evo_step(
     exclude_mask = _checks.boolean("exclude_mask", exclude_mask)
     check_finite = _checks.boolean("check_finite", check_finite)
     return_probs = _checks.boolean("return_probs", return_probs)
-    top_k, top_p = _check_filters(top_k, top_p)
+    top_k, top_p = _checks.sampling_filters(top_k, top_p)
     _check_stdd(stdd, stdd_history, stdd_count, threshold, B, L, dev)
     if _checks.boolean("check_ids", check_ids) and x.numel():
         lo, hi = (int(v) for v in torch.stack([x.min(), x.max()]).tolist())  # one host sync on a GPU
@@ -235,16 +235,6 @@ def evo_step(
                 f"logits: row {bad % R} of batch {bad // R} (sequence position {row0 + bad % R}) "
                 "holds NaN or infinite values; x and conf were left unchanged")
     return (ids, w, transfer, tp, q) if return_probs else (ids, w, transfer)
-
-
-def _check_filters(top_k, top_p):
-    if top_k is not None:
-        top_k = _checks.integer("top_k", top_k, 1)
-    if top_p is not None:
-        top_p = _checks.real("top_p", top_p, 0.0, 1.0)
-        if top_p == 0.0:
-            _checks.fail("top_p", "must be > 0 (a nucleus holds at least one token)")
-    return top_k, top_p
 
 
 def _check_stdd(stdd, history, count, threshold, B: int, L: int, dev) -> None:
