@@ -114,11 +114,11 @@ def test_countdown_aligned_prompts_have_one_width():
     assert repr(t) == "Countdown(count=3, hi=12, aligned=1)" and t.spec()["aligned"] == 1
     assert repr(tasks.task_from_spec(json.loads(json.dumps(t.spec())))) == repr(t)
     assert "aligned" not in Countdown(3, 12).spec()                  # the unaligned spec is unchanged
-    ex = t.example([3, 7, 12], 20)
+    ex = t.example(3, 7, 12, 20)
     assert ex.prompt == " 3, 7,12: 20=" and len(ex.prompt) == t.prompt_length
     assert t.check(ex, "7+12-3+3<eos>") is False and t.check(ex, "(7-3)*12/3+4") is False
-    assert t.check(t.example([3, 7, 10], 20), "3*10-7-3") is False and t.check(ex, "12+7-3+4") is False
-    assert t.check(t.example([5, 3, 12], 24), "12*(5-3)<eos><eos>")
+    assert t.check(t.example(3, 7, 10, 20), "3*10-7-3") is False and t.check(ex, "12+7-3+4") is False  # 3 twice; 4 not given
+    assert t.check(t.example(5, 3, 12, 24), "12*(5-3)<eos><eos>")
     exs = t.test_set(300, seed=0)
     assert {len(e.prompt) for e in exs} == {t.prompt_length} and all(t.check(e, e.response) for e in exs)
     tok = tasks.make_tokenizer()
@@ -128,9 +128,11 @@ def test_countdown_aligned_prompts_have_one_width():
         with pytest.raises(ValueError, match=match):
             Countdown(**bad)
     with pytest.raises(ValueError, match="numbers"):
-        t.example([3, 13, 1], 5)
+        t.example(3, 13, 1, 5)
     with pytest.raises(ValueError, match="target"):
-        t.example([3, 1, 1], 1000)
+        t.example(3, 1, 1, 1000)
+    with pytest.raises(ValueError, match="values"):
+        t.example(3, 1, 5)
 
 
 @pytest.mark.parametrize("task", [Addition(1), Addition(2), Multiplication(1), Countdown(3, 9)], ids=repr)

@@ -197,11 +197,17 @@ class Countdown(Task):
 
     def make(self, rng: random.Random) -> Example:
         nums, expr, target = make_countdown(rng, self.count, 1, self.hi)
-        return self.example(nums, target, expr)
+        return self._example(nums, target, expr)
 
-    def example(self, numbers: Sequence[int], target: int, expression: str = "") -> Example:
-        """The example of given numbers and target (`expression`: the response to learn, if any)."""
-        if len(numbers) != self.count or not all(isinstance(n, int) and 1 <= n <= self.hi for n in numbers):
+    def example(self, *values: int) -> Example:
+        """The example of a prompt's integers in prompt order: the numbers, then the target
+        (`task.example(*numbers, target)`; its response is empty, any correct expression counts)."""
+        if len(values) != self.count + 1:
+            raise ValueError(f"values: expected {self.count} numbers and a target, got {list(values)!r}")
+        return self._example(values[:-1], values[-1], "")
+
+    def _example(self, numbers: Sequence[int], target: int, expression: str) -> Example:
+        if not all(isinstance(n, int) and 1 <= n <= self.hi for n in numbers):
             raise ValueError(f"numbers: expected {self.count} ints in 1..{self.hi}, got {list(numbers)!r}")
         if not isinstance(target, int) or not 0 < target < 10 ** self.TARGET_WIDTH:
             raise ValueError(f"target: expected an int in 1..{10 ** self.TARGET_WIDTH - 1}, got {target!r}")
