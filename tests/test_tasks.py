@@ -117,7 +117,7 @@ def test_countdown_aligned_prompts_have_one_width():
     ex = t.example(3, 7, 12, 20)
     assert ex.prompt == " 3, 7,12: 20=" and len(ex.prompt) == t.prompt_length
     assert t.check(ex, "7+12-3+3<eos>") is False and t.check(ex, "(7-3)*12/3+4") is False
-    assert t.check(t.example(3, 7, 10, 20), "3*10-7-3") is False and t.check(ex, "12+7-3+4") is False  # 3 twice; 4 not given
+    assert t.check(t.example(3, 7, 10, 20), "3*10-7-3") is False and t.check(ex, "12+7-3+4") is False  # 3 twice / 4
     assert t.check(t.example(5, 3, 12, 24), "12*(5-3)<eos><eos>")
     exs = t.test_set(300, seed=0)
     assert {len(e.prompt) for e in exs} == {t.prompt_length} and all(t.check(e, e.response) for e in exs)
