@@ -182,10 +182,11 @@ def save(model, tok, task, out, log: Optional[TrainLog] = None) -> Path:
     atomically (an interrupted save leaves no directory that looks like a model)."""
     from ..tasks import TASK_FILE
 
-    from ..cts.output import publish
+    from ..cts.output import progress_bars, publish
 
     def write(d: Path) -> None:
-        model.save_pretrained(d, safe_serialization=True)
+        with progress_bars(False):                # a one-file model: no "writing shards" bar
+            model.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
         (d / TASK_FILE).write_text(json.dumps(task.spec(), indent=2) + "\n")
         if log is not None:
