@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: build evofast there, then run the named stages.
 #   bash benchmarks/gpu/session.sh STAGE...   (stages: info build cuda sanitize kernels kernels-table suite ops
-#   generate cts ncu ncu-row diag toolchain); BUILD_CXX=/usr/bin/g++ builds with that compiler
+#   generate cts eval ncu ncu-row diag toolchain); BUILD_CXX=/usr/bin/g++ builds with that compiler
 # Logs and JSON go to $OUT (what comes back); the built extensions are saved to
 # $OUT/build.tgz so a later call can carry them (.gpu-build/) instead of rebuilding.
 set -u
@@ -37,6 +37,7 @@ for s in "$@"; do case $s in
   ops) stage "bench ops llada-8b"; timeout ${OPS_T:-300} $PY -m evofast.cli bench ops --shape llada-8b --json "$OUT/ops-h100.json" 2>&1 | tee "$OUT/bench-ops.log" | tail -45 ;;
   generate) stage "bench generate llada-8b"; timeout ${GEN_T:-400} $PY -m evofast.cli bench generate --shape llada-8b --json "$OUT/generate-h100.json" --plot "$OUT/generate-h100.png" ${GEN_ARGS:-} 2>&1 | tee "$OUT/bench-generate.log" | tail -40 ;;
   cts) stage "bench cts llada-8b"; timeout ${CTS_T:-400} $PY -m evofast.cli bench cts --shape llada-8b --json "$OUT/cts-h100.json" ${CTS_ARGS:-} 2>&1 | tee "$OUT/bench-cts.log" | tail -30 ;;
+  eval) stage "bench eval llada-8b"; timeout ${EVAL_T:-400} $PY -m evofast.cli bench eval --shape llada-8b --json "$OUT/eval-h100.json" ${EVAL_ARGS:-} 2>&1 | tee "$OUT/bench-eval.log" | tail -12 ;;
   kernels) stage "kernel grid"; timeout ${KER_T:-200} $PY benchmarks/gpu/kernels.py --json "$OUT/kernels-h100.json" 2>&1 | tee "$OUT/kernels.log" | tail -30 ;;
   ncu) stage ncu; timeout ${NCU_T:-240} ncu --clock-control none --target-processes all -k regex:evo --launch-count ${NCU_N:-6} --section SpeedOfLight --section Occupancy --section LaunchStats $PY benchmarks/gpu/profile_case.py >"$OUT/ncu.log" 2>&1; echo "ncu rc=$?"; grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size|Compute \(SM\)" "$OUT/ncu.log" | head -80 ;;
   kernels-table) stage "kernel grid, EVOFAST_CUDA_VALUE_TABLE=1"; EVOFAST_CUDA_VALUE_TABLE=1 timeout ${KER_T:-200} $PY benchmarks/gpu/kernels.py --json "$OUT/kernels-table-h100.json" 2>&1 | tail -22 ;;

@@ -27,7 +27,7 @@ into DIR every N optimizer steps; `--resume` continues the run from DIR's last
 checkpoint with the same data order and noise draws (pass the same options), so it
 ends where the uninterrupted run would have.
 
-Launch on several processes with torchrun (DDP) or `accelerate launch --config_file
+Launch on several processes with torchrun (DDP; FSDP2 with --fsdp) or `accelerate launch --config_file
 CONFIG -m evofast.cli train-cts ...` (DDP, FSDP2, DeepSpeed ZeRO 1-3 with CPU offload;
 evofast's configs are in configs/accelerate/ of the repository). Under a launcher
 every process loads the model on the CPU and the launcher places or shards it, and
