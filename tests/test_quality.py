@@ -143,7 +143,8 @@ def test_eval_shards_over_processes(micro_dir, tmp_path):
 
 
 STUDY_MICRO = ["--task", "countdown-synth:count=2,hi=9,aligned=1", "--control", "add:digits=2",
-               "--d-model", "32", "--layers", "2", "--heads", "2", "--base-steps", "20", "--base-batch", "16",
+               "--d-model", "32", "--layers", "2", "--heads", "2", "--base-steps", "20", "--control-base-steps", "20",
+               "--base-batch", "16",
                "--ft-steps", "2", "--ft-batch", "8", "--lora-r", "4", "--seeds", "2", "--problems", "12",
                "--val-problems", "6", "--tokens-per-step", "2", "8", "--alphas", "0.5", "0.9",
                "--decode-batch", "64", "--threads", "1", "--no-progress"]

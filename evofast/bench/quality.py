@@ -67,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--base-steps", type=int, default=1200, help="pretraining steps per task (1200)")
+    parser.add_argument("--base-steps", type=int, default=3000, help="pretraining steps of the main task's base (3000)")
+    parser.add_argument("--control-base-steps", type=int, default=1200,
+                        help="pretraining steps of the control's base (1200: addition is learnt sooner)")
     parser.add_argument("--base-batch", type=int, default=64)
     parser.add_argument("--base-lr", type=float, default=2e-3)
     parser.add_argument("--ft-steps", type=int, default=d.ft_steps, help=f"fine-tune steps, every arm ({d.ft_steps})")
@@ -92,14 +94,14 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _base(args, task, device) -> tuple:
+def _base(args, task, steps: int, device) -> tuple:
     """(base model, tokenizer, train log dict, reused?): trained into the workdir, or reused from it."""
     from ..models.llada import LLaDAModelLM
     from ..study import pretrain
     from ..tasks import make_tokenizer
 
     recipe = {"task": task.spec(), "d_model": args.d_model, "layers": args.layers, "heads": args.heads,
-              "steps": args.base_steps, "batch": args.base_batch, "lr": args.base_lr, "seed": args.seed}
+              "steps": steps, "batch": args.base_batch, "lr": args.base_lr, "seed": args.seed}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(args.workdir) / f"base-{task.name}-{key}"
     if (out / "model.safetensors").exists():
@@ -108,7 +110,7 @@ def _base(args, task, device) -> tuple:
         return model, make_tokenizer(), json.loads((out / "train_log.json").read_text()), True
     model, tok = pretrain.build_model(task, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                                       seed=args.seed)
-    log = pretrain.train(model, tok, task, steps=args.base_steps, batch_size=args.base_batch, lr=args.base_lr,
+    log = pretrain.train(model, tok, task, steps=steps, batch_size=args.base_batch, lr=args.base_lr,
                          seed=args.seed, device=device, progress=args.progress, log_every=100)
     log.config.update(recipe=recipe, parameters=sum(p.numel() for p in model.parameters()))
     pretrain.save(model.cpu(), tok, task, out, log)
@@ -136,10 +138,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--seeds: must be >= 1, got {seeds}")
     try:
         cfg = _config(args, seeds)
-        tasks = [("main", parse_task(args.task, synthetic=True), tuple(args.settings))]
+        tasks = [("main", parse_task(args.task, synthetic=True), tuple(args.settings), args.base_steps)]
         if args.control != "none":
-            tasks.append(("control", parse_task(args.control, synthetic=True), tuple(args.control_settings)))
-        for _, task, _ in tasks:
+            tasks.append(("control", parse_task(args.control, synthetic=True), tuple(args.control_settings),
+                          args.control_base_steps))
+        for _, task, _, steps in tasks:
+            if steps < 1:
+                raise ValueError(f"base steps: must be >= 1, got {steps}")
             check_task(task, cfg)
     except ValueError as e:
         raise SystemExit(f"evofast bench quality: {e}") from None
@@ -154,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
     contention = _common.CpuContention()
     t_start = time.perf_counter()
     results = []
-    for role, task, settings in tasks:
+    for role, task, settings, steps in tasks:
         t0 = time.perf_counter()
-        base, tok, train_log, reused = _base(args, task, device)
+        base, tok, train_log, reused = _base(args, task, steps, device)
         base_s = time.perf_counter() - t0
         export = _exporter(args, task, tok) if role == "main" else None
         res = run_task(task, base, tok, cfg, settings=settings, device=device, progress=args.progress, log=_log,
@@ -169,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t_start
     payload = {"benchmark": "evofast.bench.quality", "schema_version": 2, "env": env, "config": cfg.as_dict(),
                "model": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,
-                         "base_steps": args.base_steps, "base_batch": args.base_batch, "base_lr": args.base_lr},
+                         "base_steps": args.base_steps, "control_base_steps": args.control_base_steps,
+                         "base_batch": args.base_batch, "base_lr": args.base_lr},
                "device": str(device), "seconds": seconds, "other_cpu": contention.other_fraction(),
                "tasks": results}
     print(render(payload))
