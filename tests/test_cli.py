@@ -52,6 +52,29 @@ def test_bench_ops_tiny_table_and_json(tmp_path):
     skipped = {r["provider"]: r["note"] for r in data["rows"] if r.get("skipped")}
     assert "compiled-rows" in skipped          # left out of the tiny shape unless --compile
     assert "evofast-triton" in skipped         # never timed on CPU tensors
+    last = lines[-1]                           # a one-line summary for a newcomer ends the output
+    assert last.startswith("evo_step: ") and "the authors' post-processing on this CPU" in last
+    best = max((r for r in timed if r["op"] == "evo_step" and r["B"] == 1 and r["provider"].startswith("evofast-")),
+               key=lambda r: r["speedup"])
+    assert f"({best['provider']}, batch 1" in last
+
+
+def test_bench_ops_summary_line():
+    import torch
+
+    from evofast.bench import ops
+    rows = [{"op": "evo_step", "provider": "authors-eager", "B": 1, "speedup": 1.0, "median_ms": 2.0},
+            {"op": "evo_step", "provider": "evofast-torch", "B": 1, "speedup": 2.0, "median_ms": 1.0},
+            {"op": "evo_step", "provider": "evofast-cpp", "B": 1, "speedup": 4.0, "median_ms": 0.5},
+            {"op": "evo_step", "provider": "evofast-cpp", "B": 8, "speedup": 9.0, "median_ms": 0.4},
+            {"op": "soft_embed fwd", "provider": "evofast-cpp", "B": 1, "speedup": 20.0, "median_ms": 0.1}]
+    shape = ops.SHAPES["tiny"]
+    assert ops.summary(rows, shape, torch.device("cpu")) == (
+        "evo_step: 4.0x faster than the authors' post-processing on this CPU (evofast-cpp, batch 1, "
+        "vocabulary 1,000, 0.500 ms per step)")
+    rows[2]["speedup"] = 0.5
+    assert "2.0x slower than" in ops.summary(rows[2:3], shape, torch.device("cuda"))
+    assert ops.summary(rows[:1], shape, torch.device("cpu")) is None
 
 
 def test_bench_ops_selects_providers():

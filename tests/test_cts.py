@@ -99,6 +99,44 @@ def test_collator_block_that_cannot_fit_is_a_clear_error():
     assert all(short(_examples([(20, 3)]))["next_positions"].shape[2] == 1 for _ in range(10))
 
 
+def test_collator_inference_like_blocks():
+    """exact_blocks + grid_starts: every block is a decoding block (length as given, on the grid
+    P + j Lb, never in the prompt), K d == Lb allowed (a whole block decoded over the trajectory)."""
+    col = _collator(seed=2, K=4, per_de_nums=(1, 2, 4), block_sizes=(8,), extra_pad_prob=0.0, exact_blocks=True,
+                    grid_starts=True)
+    exs = _examples([(14 + 16, 14)] * 3)                       # prompt width 14, two decoding blocks of 8
+    starts, ds = set(), set()
+    for _ in range(40):
+        b = col(exs)
+        st, en, nxt = b["block_start"], b["block_end"], b["next_positions"]
+        assert b["input_ids"].shape[1] == 30 and bool((en - st == 7).all())
+        starts |= set(st.tolist())
+        ds.add(nxt.shape[2])
+        for r in range(3):
+            blk = b["input_ids"][r, int(st[r]):int(en[r]) + 1]
+            assert int((blk == M).sum()) >= 4 * nxt.shape[2]
+    assert starts == {14, 22} and ds == {1, 2}                  # d = 4 (K d = 16 > 8) is never drawn
+    # unequal prompts: each row on its own grid
+    b = _collator(seed=1, per_de_nums=(1,), block_sizes=(4,), extra_pad_prob=0.0, exact_blocks=True,
+                  grid_starts=True)(_examples([(20, 6), (20, 9)]))
+    assert (int(b["block_start"][0]) - 6) % 4 == 0 and (int(b["block_start"][1]) - 9) % 4 == 0
+    # the defaults are untouched: K d >= Lb still raises Lb to K d + 1
+    b = _collator(seed=0, K=4, per_de_nums=(2,), block_sizes=(8,), extra_pad_prob=0.0)(exs)
+    assert int(b["block_end"][0] - b["block_start"][0]) + 1 == 9
+
+
+def test_collator_inference_like_errors():
+    exs = _examples([(20, 14)])                                 # 6 positions after the prompt
+    with pytest.raises(ValueError, match="block_sizes"):
+        _collator(block_sizes=(8,), exact_blocks=True)(exs)
+    with pytest.raises(ValueError, match="per_de_nums"):
+        _collator(K=4, per_de_nums=(2,), block_sizes=(4,), exact_blocks=True)(exs)
+    with pytest.raises(ValueError, match="grid_starts"):
+        _collator(K=4, per_de_nums=(2,), block_sizes=(4,), extra_pad_prob=0.0, grid_starts=True)(exs)
+    with pytest.raises(ValueError, match="exact_blocks"):
+        _collator(exact_blocks=1)
+
+
 # --------------------------------------------------------------------------- the loss
 def eager_spec_loss(model, batch, alphas, k_soft=3):
     """Spec 3, step by step, over full logits (the test's own restatement: no evofast op)."""

@@ -1,6 +1,6 @@
 """The trained-model pipeline: masked-diffusion pretraining, evaluation (Wilson interval,
-sharding over processes), the train-base / eval commands and `bench quality`, all on a
-micro model (1-digit addition, d_model 32) so the whole file takes well under a minute."""
+sharding over processes), the train-base / eval commands and the `bench quality` study, all on
+micro models (d_model 32) so the whole file takes about a minute."""
 import json
 import os
 import subprocess
@@ -147,41 +147,65 @@ def test_eval_shards_over_processes(micro_dir, tmp_path):
     assert [s["output"] for s in a["samples"]] == [s["output"] for s in b["samples"]]
 
 
-def test_bench_quality_reduced(micro_dir, tmp_path, capsys):
-    js, png = tmp_path / "q.json", tmp_path / "q.png"
-    rc = cli.main(["bench", "quality", "--task", "add:digits=1", "--base", str(micro_dir), "--cts", "skip",
-                   "--problems", "6", "--alphas", "0.7", "--caches", "none", "prefix", "--steps-div", "2",
-                   "--json", str(js), "--plot", str(png)])
-    assert rc == 0
+STUDY_MICRO = ["--task", "countdown-synth:count=2,hi=9,aligned=1", "--control", "add:digits=2",
+               "--d-model", "32", "--layers", "2", "--heads", "2", "--base-steps", "20", "--control-base-steps", "20",
+               "--base-batch", "16",
+               "--ft-steps", "2", "--ft-batch", "8", "--lora-r", "4", "--seeds", "2", "--problems", "12",
+               "--val-problems", "6", "--tokens-per-step", "2", "8", "--alphas", "0.5", "0.9",
+               "--decode-batch", "64", "--threads", "1", "--no-progress"]
+
+
+def test_bench_quality_study_end_to_end(tmp_path, capsys):
+    """The whole study on micro settings: bases, arms x seeds x settings, every decoding, contrasts,
+    JSON / plot / exported model; a rerun reuses the bases."""
+    js, png, model_dir = tmp_path / "q.json", tmp_path / "q.png", tmp_path / "model"
+    argv = ["bench", "quality", *STUDY_MICRO, "--workdir", str(tmp_path / "work"), "--json", str(js),
+            "--plot", str(png), "--export-model", str(model_dir)]
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| model | mode |" in out and png.stat().st_size > 1000
+    assert "paired contrasts" in out and "CTS-evotoken vs FT-hard" in out and png.stat().st_size > 1000
     res = json.loads(js.read_text())
-    assert {"benchmark", "schema_version", "env", "config", "rows", "notes", "train_base"} <= set(res)
-    assert res["env"]["command"] and res["config"]["n"] == 6
-    rows = res["rows"]
-    assert [(r["mode"], r["cache"]) for r in rows] == [("hard", "none"), ("evotoken", "none"), ("hard", "prefix"),
-                                                      ("evotoken", "prefix")]
-    for r in rows:
-        if r.get("skipped"):
-            assert r["cache"] != "none" and "NotImplementedError" in r["skipped"]
-        else:
-            assert r["n"] == 6 and 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1 and r["tokens_per_s"] > 0
-    assert any("CTS left out" in n for n in res["notes"])
+    assert res["benchmark"] == "evofast.bench.quality" and res["env"]["command"] and res["config"]["seeds"] == 2
+    main, control = res["tasks"]
+    assert (main["role"], control["role"]) == ("main", "control") and not main["base_reused"]
+    assert [(m["arm"], m["setting"], m["seed"]) for m in main["models"]] == [("base", None, None)] + [
+        (arm, setting, s) for setting in ("lora", "full") for s in (0, 1) for arm in ("ft", "cts")]
+    assert {m["setting"] for m in control["models"]} == {None, "lora"}
+    n = main["n_test"]
+    assert n == 12 and main["n_val"] == 6
+    for m in main["models"]:
+        assert m["alpha"] in (0.5, 0.9) and set(m["val_accuracy"]) == {"0.5", "0.9"}
+        keys = [(d["key"], d["setting"]["mode"]) for d in m["decodings"]]
+        assert len(keys) == 2 * 2 * 2 + 2 and len(set(keys)) == len(keys)     # schedule grid + threshold rows
+        for d in m["decodings"]:
+            assert len(d["correct"]) == len(d["first_correct"]) == n and set(d["correct"]) <= {"0", "1"}
+            assert d["accuracy"] == d["correct"].count("1") / n
+    names = {c["contrast"] for c in main["contrasts"]}
+    assert {"CTS-evotoken vs FT-hard", "CTS-hard vs FT-hard", "CTS-evotoken vs CTS-hard"} <= names
+    for c in main["contrasts"]:
+        assert len(c["per_seed"]) == (1 if c["contrast"].startswith("base") else 2)
+        assert c["ci"][0] <= c["diff"] <= c["ci"][1]
+    card = json.loads((model_dir / "study.json").read_text())
+    assert card["arm"] == "cts" and card["setting"] == "lora" and card["n"] == n
+    assert main["exported"]["accuracy"] == card["accuracy"]
+    for name in ("model.safetensors", "config.json", "tokenizer.json", tasks.TASK_FILE):
+        assert (model_dir / name).exists(), name
+    # a rerun finds the bases; an existing export directory is refused before any work
+    assert cli.main(["bench", "quality", *STUDY_MICRO, "--control", "none", "--settings", "lora", "--seeds", "1",
+                     "--tokens-per-step", "8", "--temperatures", "0", "--policies", "schedule", "--alphas", "0.5",
+                     "--workdir", str(tmp_path / "work"), "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["tasks"][0]["base_reused"]
+    with pytest.raises(SystemExit, match="export-model"):
+        cli.main(argv)
 
 
-def test_bench_quality_trains_cts_and_uses_caches(micro_dir, tmp_path):
-    """The default CTS path: train-cts on the base (a few steps here), then both models x the caches."""
-    js = tmp_path / "q.json"
-    rc = cli.main(["bench", "quality", "--task", "add:digits=1", "--base", str(micro_dir), "--problems", "4",
-                   "--alphas", "0.9", "--caches", "dual", "--steps-div", "4", "--cts-examples", "16",
-                   "--cts-args", "--full --lr 1e-4 --batch-size 8 --steps 2 --no-progress", "--json", str(js)])
-    assert rc == 0
-    res = json.loads(js.read_text())
-    assert res["config"]["cts"] and (Path(res["config"]["cts"]) / tasks.TASK_FILE).exists()
-    assert [(r["model"], r["mode"]) for r in res["rows"]] == [("base", "hard"), ("base", "evotoken"),
-                                                             ("cts", "hard"), ("cts", "evotoken")]
-    steps = res["config"]["task"]["gen_length"] // 4
-    assert all(not r.get("skipped") and r["cache"] == "dual" and r["steps"] == steps for r in res["rows"])
+@pytest.mark.parametrize("extra,match", [(["--tokens-per-step", "3"], "tokens_per_step"),
+                                         (["--policies", "nope"], "policies"), (["--seeds", "0"], "seeds"),
+                                         (["--task", "countdown-synth:count=2,hi=9"], "fixed-width")])
+def test_bench_quality_refuses_bad_settings_before_work(tmp_path, extra, match):
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["bench", "quality", *STUDY_MICRO, *extra, "--workdir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["train-base", "--help"], ["eval", "--help"],

@@ -8,6 +8,7 @@ import pytest
 
 from evofast import tasks
 from evofast.tasks import Addition, Countdown, Multiplication, check_countdown, safe_arith
+from evofast.tasks.base import encode_batch
 
 ALL = [Addition(1), Addition(3), Multiplication(2), Countdown(3, 12), Countdown(4, 9)]
 
@@ -106,6 +107,32 @@ def test_countdown_task_check_uses_numbers():
     nums = list(ex.meta)
     assert not t.check(ex, "+".join(str(n) for n in nums) + f"+{int(ex.answer)}<eos>")
     assert not t.check(ex, "__import__('os')<eos>")
+
+
+def test_countdown_aligned_prompts_have_one_width():
+    t = tasks.parse_task("countdown-synth:aligned=1")
+    assert repr(t) == "Countdown(count=3, hi=12, aligned=1)" and t.spec()["aligned"] == 1
+    assert repr(tasks.task_from_spec(json.loads(json.dumps(t.spec())))) == repr(t)
+    assert "aligned" not in Countdown(3, 12).spec()                  # the unaligned spec is unchanged
+    ex = t.example(3, 7, 12, 20)
+    assert ex.prompt == " 3, 7,12: 20=" and len(ex.prompt) == t.prompt_length
+    assert t.check(ex, "7+12-3+3<eos>") is False and t.check(ex, "(7-3)*12/3+4") is False
+    assert t.check(t.example(3, 7, 10, 20), "3*10-7-3") is False and t.check(ex, "12+7-3+4") is False  # 3 twice / 4
+    assert t.check(t.example(5, 3, 12, 24), "12*(5-3)<eos><eos>")
+    exs = t.test_set(300, seed=0)
+    assert {len(e.prompt) for e in exs} == {t.prompt_length} and all(t.check(e, e.response) for e in exs)
+    tok = tasks.make_tokenizer()
+    b = encode_batch(tok, t, exs[:50])
+    assert bool(b["attention_mask"].all())                            # no row needs padding
+    for bad, match in (({"aligned": 2}, "aligned"),):
+        with pytest.raises(ValueError, match=match):
+            Countdown(**bad)
+    with pytest.raises(ValueError, match="numbers"):
+        t.example(3, 13, 1, 5)
+    with pytest.raises(ValueError, match="target"):
+        t.example(3, 1, 1, 1000)
+    with pytest.raises(ValueError, match="values"):
+        t.example(3, 1, 5)
 
 
 @pytest.mark.parametrize("task", [Addition(1), Addition(2), Multiplication(1), Countdown(3, 9)], ids=repr)

@@ -437,6 +437,22 @@ def targets(rows: list[dict], shape: Shape, device: torch.device) -> list[dict]:
     return out
 
 
+def summary(rows: list[dict], shape: Shape, device: torch.device) -> Optional[str]:
+    """One line for a newcomer: the fastest evofast evo_step against the authors' post-processing,
+    at the smallest batch timed (None when either was not timed)."""
+    steps = [r for r in rows if r["op"] == "evo_step" and r.get("speedup") is not None
+             and r["provider"].startswith("evofast-")]
+    if not steps:
+        return None
+    B = min(r["B"] for r in steps)
+    best = max((r for r in steps if r["B"] == B), key=lambda r: r["speedup"])
+    where = "this GPU" if device.type == "cuda" else "this CPU"
+    verdict = f"{best['speedup']:.1f}x faster than" if best["speedup"] >= 1 else \
+        f"{1 / best['speedup']:.1f}x slower than"
+    return (f"evo_step: {verdict} the authors' post-processing on {where} ({best['provider']}, batch {B}, "
+            f"vocabulary {shape.vocab:,}, {best['median_ms']:.3f} ms per step)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_common_arguments(
         parser, shapes=list(SHAPES),
@@ -530,6 +546,9 @@ def run(args: argparse.Namespace) -> int:
             "benchmark": "evofast.bench.ops", "schema_version": _common.SCHEMA_VERSION,
             "env": env, "config": config, "other_cpu_max": other, "targets": goals, "rows": rows})
         print(f"\nwrote {path}")
+    line = summary(rows, shape, device)
+    if line:
+        print(f"\n{line}")
     return 0
 
 

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "train-base": "evofast.cli.train_base",
     "eval": "evofast.cli.eval",
     "demo": "evofast.cli.demo",
+    "showcase": "evofast.cli.showcase",
 }
 
 

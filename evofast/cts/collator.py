@@ -10,6 +10,15 @@ positions `st + perm[m:]` and everything after the block are masked, and
 `next[k, j] = st + perm[m + k d + j]`. Uniform integers are `floor(u * n)`,
 permutations `argsort` of uniforms, so the distribution is the one docs/semantics.md describes.
 
+Two options (off by default: the spec's draws) make the blocks look like decoding's:
+`exact_blocks` keeps `Lb` as drawn (never raised to `K d + 1`; a `d` with `K d > Lb` is
+not drawn, so `K d == Lb` is a whole block decoded over the trajectory, as decoding at
+`d` tokens per step with `K` steps per block does) and `grid_starts` puts the block on
+decoding's grid, `st = P + j * Lb` with `j` uniform over the blocks that fit in the
+row, so it never starts inside the prompt or between two decoding blocks. With
+`extra_pad_prob=0` and examples of one length (prompt width + generation length),
+every CTS block is a block decoding sees.
+
 The two halves are separate methods: `pad` (deterministic: drops unusable examples,
 pads) and `noise(padded, generator)` (every random draw). The draws of a call come
 from a generator derived from `(seed, call number)` (`derived_generator`), not from
@@ -60,7 +69,7 @@ class CTSCollator:
     def __init__(self, mask_id: int, pad_id: int, K: int = 4, per_de_nums: Sequence[int] = (1, 2, 4, 8),
                  block_sizes: Sequence[int] = (512,), generator: Optional[torch.Generator] = None, *,
                  seed: int = 0, max_length: Optional[int] = None, extra_pad_prob: float = 0.5,
-                 max_extra_pad: int = 10):
+                 max_extra_pad: int = 10, exact_blocks: bool = False, grid_starts: bool = False):
         for name, v in (("mask_id", mask_id), ("pad_id", pad_id), ("K", K), ("max_extra_pad", max_extra_pad),
                         ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
@@ -82,6 +91,10 @@ class CTSCollator:
             raise ValueError(f"extra_pad_prob: expected a probability in [0, 1], got {extra_pad_prob!r}")
         self.extra_pad_prob = float(extra_pad_prob)
         self.max_extra_pad = int(max_extra_pad)
+        for name, v in (("exact_blocks", exact_blocks), ("grid_starts", grid_starts)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}: expected a bool, got {v!r}")
+        self.exact_blocks, self.grid_starts = exact_blocks, grid_starts
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         self.generator = generator
@@ -142,6 +155,20 @@ class CTSCollator:
         self.calls += 1
         return self.noise(self.pad(examples), gen)
 
+    def _exact_block(self, room: int, choice) -> tuple:
+        """(d, Lb) under `exact_blocks`: Lb drawn from the block sizes that fit after every
+        prompt (`room` positions), d from those with K d <= Lb."""
+        sizes = tuple(b for b in self.block_sizes if b <= room)
+        if not sizes:
+            raise ValueError(f"block_sizes: exact_blocks needs a block of {min(self.block_sizes)} positions after "
+                             f"the longest prompt, but only {room} follow it")
+        Lb = choice(sizes)
+        fits = tuple(d for d in self.per_de_nums if self.K * d <= Lb)
+        if not fits:
+            raise ValueError(f"per_de_nums: exact_blocks needs K * d <= the block length {Lb}, got K = {self.K} "
+                             f"and d in {list(self.per_de_nums)}")
+        return choice(fits), Lb
+
     # -- draws -------------------------------------------------------------------------
     def noise(self, padded: dict, generator: torch.Generator) -> dict:
         """The random half: the CTS batch of a `pad` output, every draw from `generator`."""
@@ -163,16 +190,27 @@ class CTSCollator:
             clean = torch.cat([clean, clean.new_full((B, N - clean.shape[1]), self.pad_id)], dim=1)
 
         K = self.K
-        fits = tuple(d for d in self.per_de_nums if K * d < N)   # the authors' code asserts; we skip such d
-        if not fits:
-            raise ValueError(f"K * d = {K} * {min(self.per_de_nums)} >= sequence length {N}: a block of K * d + 1 "
-                             "positions does not fit; lower K or per_de_nums, or train on longer examples")
-        d = choice(fits)
-        Lb = min(choice(self.block_sizes), N - int(P.max()))
-        if K * d >= Lb:
-            Lb = K * d + 1
-        hi = torch.full((B,), N - Lb, dtype=torch.int64)
-        st = torch.where(P >= hi, hi, randint(P.clamp_max(N - Lb), hi))
+        if self.exact_blocks:
+            d, Lb = self._exact_block(N - int(P.max()), choice)
+        else:
+            fits = tuple(d for d in self.per_de_nums if K * d < N)   # the authors' code asserts; we skip such d
+            if not fits:
+                raise ValueError(f"K * d = {K} * {min(self.per_de_nums)} >= sequence length {N}: a block of "
+                                 "K * d + 1 positions does not fit; lower K or per_de_nums, or train on longer "
+                                 "examples")
+            d = choice(fits)
+            Lb = min(choice(self.block_sizes), N - int(P.max()))
+            if K * d >= Lb:
+                Lb = K * d + 1
+        if self.grid_starts:                                              # P + j Lb, j over the blocks that fit
+            if Lb > N - int(P.max()):
+                raise ValueError(f"grid_starts: a block of {Lb} positions (K * d + 1) does not fit after the "
+                                 f"longest prompt ({N - int(P.max())} positions follow it); use exact_blocks")
+            j = randint(torch.zeros(B, dtype=torch.int64), (N - P) // Lb - 1)
+            st = P + j * Lb
+        else:
+            hi = torch.full((B,), N - Lb, dtype=torch.int64)
+            st = torch.where(P >= hi, hi, randint(P.clamp_max(N - Lb), hi))
         en = st + Lb - 1
         perm = torch.argsort(u(B, Lb), dim=1)                             # a uniform permutation per row
         m = randint(torch.zeros(B, dtype=torch.int64), torch.full((B,), Lb - K * d, dtype=torch.int64))

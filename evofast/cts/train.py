@@ -57,7 +57,8 @@ def train_cts(model, tokenizer, examples, *, output_dir=None, overwrite: bool = 
               target_modules: Optional[Sequence[str]] = None,
               mask_id: Optional[int] = None, pad_id: Optional[int] = None, K: int = 4,
               per_de_nums: Sequence[int] = (1, 2, 4, 8), block_sizes: Sequence[int] = (512,),
-              max_length: Optional[int] = None, extra_pad_prob: float = 0.5, k_soft: int = 3,
+              max_length: Optional[int] = None, extra_pad_prob: float = 0.5, exact_blocks: bool = False,
+              grid_starts: bool = False, k_soft: int = 3,
               epochs: float = 1.0, max_steps: int = -1,
               batch_size: int = 1, grad_accum: int = 1, lr: float = 1e-5, weight_decay: float = 0.0,
               bf16: bool = False, gradient_checkpointing: bool = False,
@@ -77,6 +78,9 @@ def train_cts(model, tokenizer, examples, *, output_dir=None, overwrite: bool = 
     same data order and noise, so the result equals an uninterrupted run's.
     Examples that cannot be trained on are reported through `log` (default:
     stderr) before training. `losses` is the list of `(global_step, loss)` logged.
+    `extra_pad_prob`, `exact_blocks` and `grid_starts` go to `CTSCollator`: with
+    `extra_pad_prob=0.0, exact_blocks=True, grid_starts=True` and `block_sizes` the
+    decoding block, the blocks trained on are those decoding sees.
     Other keyword arguments go to `TrainingArguments`.
     """
     log = log or _stderr
@@ -99,7 +103,8 @@ def train_cts(model, tokenizer, examples, *, output_dir=None, overwrite: bool = 
     from ..models.registry import patch
     patch(model, mask_id=int(mask_id))     # fails early (TypeError) for models CTS cannot train
     collator = CTSCollator(int(mask_id), int(pad_id), K=K, per_de_nums=per_de_nums, block_sizes=block_sizes,
-                           seed=seed, max_length=max_length, extra_pad_prob=extra_pad_prob)
+                           seed=seed, max_length=max_length, extra_pad_prob=extra_pad_prob,
+                           exact_blocks=exact_blocks, grid_starts=grid_starts)
     usable, why = collator.split_usable(examples)
     if why:
         parts = ", ".join(f"{c} {reason}" for reason, c in why.most_common())

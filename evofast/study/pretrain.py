@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,9 +96,14 @@ def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 def train(model, tok, task, *, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
           warmup: int = 100, weight_decay: float = 0.01, minutes: Optional[float] = None, seed: int = 0,
-          device=None, progress: bool = True, log_every: int = 50) -> TrainLog:
+          device=None, progress: bool = True, log_every: int = 50, loss_fn: Optional[Callable] = None,
+          desc: str = "train-base") -> TrainLog:
     """Train `model` in place for `steps` optimizer steps (or until `minutes` run out: the
     learning-rate schedule then follows the estimated number of steps that fit).
+    Only parameters that require grad are trained (a LoRA-wrapped model trains its adapters).
+    `loss_fn(model, batch, mask_id, generator)` replaces `masked_diffusion_loss` (the batch is
+    `encode_batch`'s on the device; `evofast.study.finetune` passes the CTS loss this way), so
+    every objective runs the same optimiser, schedule, clipping and data stream.
     Returns a TrainLog; the model is left in eval mode."""
     for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0),
                         ("log_every", log_every, 1)):
@@ -110,8 +115,10 @@ def train(model, tok, task, *, steps: int = 2000, batch_size: int = 64, lr: floa
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
     mask_id = int(model.config.mask_token_id)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    loss_fn = loss_fn or masked_diffusion_loss
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -121,7 +128,7 @@ def train(model, tok, task, *, steps: int = 2000, batch_size: int = 64, lr: floa
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=f"train-base {task.name}", unit="step")
+        bar = tqdm(total=steps, desc=f"{desc} {task.name}", unit="step")
     t0 = time.perf_counter()
     total = steps
     run_loss, run_n = 0.0, 0
@@ -132,10 +139,10 @@ def train(model, tok, task, *, steps: int = 2000, batch_size: int = 64, lr: floa
                 g["lr"] = _lr_at(step, total, lr, min(warmup, max(total // 10, 1)))
             batch = encode_batch(tok, task, [next(data) for _ in range(batch_size)])
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            loss = masked_diffusion_loss(model, batch, mask_id, gen)
+            loss = loss_fn(model, batch, mask_id, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             step += 1
             run_loss += float(loss.detach())
@@ -175,10 +182,11 @@ def save(model, tok, task, out, log: Optional[TrainLog] = None) -> Path:
     atomically (an interrupted save leaves no directory that looks like a model)."""
     from ..tasks import TASK_FILE
 
-    from ..cts.output import publish
+    from ..cts.output import progress_bars, publish
 
     def write(d: Path) -> None:
-        model.save_pretrained(d, safe_serialization=True)
+        with progress_bars(False):                # a one-file model: no "writing shards" bar
+            model.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
         (d / TASK_FILE).write_text(json.dumps(task.spec(), indent=2) + "\n")
         if log is not None:

@@ -168,28 +168,54 @@ def make_countdown(rng: random.Random, count: int = 3, lo: int = 1, hi: int = 12
 
 class Countdown(Task):
     """Prompt "3,5,2:16=" (the numbers, the target), response an expression that reaches
-    the target, e.g. "(3+5)*2". Any correct expression counts, not only the generated one."""
+    the target, e.g. "(3+5)*2". Any correct expression counts, not only the generated one.
+
+    `aligned=1` writes every number right-aligned in a field of spaces, " 3, 5, 2: 16=", so
+    every prompt is exactly `prompt_length` characters: each digit sits at a fixed position
+    (as the arithmetic tasks' zero-padded operands do), and a batch needs no padding, so
+    training that cannot mask pad tokens (CTS) sees the layout decoding sees."""
 
     name = "countdown-synth"
     stream_key = "countdown"     # its name until the paper's Countdown took it: the same seeds, the same problems
+    TARGET_WIDTH = 3             # make_countdown's targets are at most 999
 
-    def __init__(self, count: int = 3, hi: int = 12):
+    def __init__(self, count: int = 3, hi: int = 12, aligned: int = 0):
         if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= 5:
             raise ValueError(f"count: must be an int in 2..5, got {count!r}")
         if isinstance(hi, bool) or not isinstance(hi, int) or not 2 <= hi <= 99:
             raise ValueError(f"hi: must be an int in 2..99, got {hi!r}")
-        self.count, self.hi = count, hi
-        width = len(str(hi))
-        self.prompt_length = count * (width + 1) + 4
-        expr = count * width + (count - 1) + 2 * (count - 2)     # numbers, operators, parentheses
+        if aligned not in (0, 1) or isinstance(aligned, bool):
+            raise ValueError(f"aligned: must be 0 or 1, got {aligned!r}")
+        self.count, self.hi, self.aligned = count, hi, aligned
+        self.width = len(str(hi))
+        self.prompt_length = count * (self.width + 1) + 1 + self.TARGET_WIDTH
+        expr = count * self.width + (count - 1) + 2 * (count - 2)     # numbers, operators, parentheses
         self.gen_length = -(-(expr + 1) // 8) * 8
 
     def params(self) -> dict:
-        return {"count": self.count, "hi": self.hi}
+        return {"count": self.count, "hi": self.hi, **({"aligned": 1} if self.aligned else {})}
 
     def make(self, rng: random.Random) -> Example:
         nums, expr, target = make_countdown(rng, self.count, 1, self.hi)
-        return Example(f"{','.join(map(str, nums))}:{target}=", expr, str(target), tuple(nums))
+        return self._example(nums, target, expr)
+
+    def example(self, *values: int) -> Example:
+        """The example of a prompt's integers in prompt order: the numbers, then the target
+        (`task.example(*numbers, target)`; its response is empty, any correct expression counts)."""
+        if len(values) != self.count + 1:
+            raise ValueError(f"values: expected {self.count} numbers and a target, got {list(values)!r}")
+        return self._example(values[:-1], values[-1], "")
+
+    def _example(self, numbers: Sequence[int], target: int, expression: str) -> Example:
+        if not all(isinstance(n, int) and 1 <= n <= self.hi for n in numbers):
+            raise ValueError(f"numbers: expected {self.count} ints in 1..{self.hi}, got {list(numbers)!r}")
+        if not isinstance(target, int) or not 0 < target < 10 ** self.TARGET_WIDTH:
+            raise ValueError(f"target: expected an int in 1..{10 ** self.TARGET_WIDTH - 1}, got {target!r}")
+        if self.aligned:
+            prompt = ",".join(f"{n:>{self.width}}" for n in numbers) + f":{target:>{self.TARGET_WIDTH}}="
+        else:
+            prompt = f"{','.join(map(str, numbers))}:{target}="
+        return Example(prompt, expression, str(target), tuple(numbers))
 
     def extract(self, example: Optional[Example], text: str) -> Optional[str]:
         text = text.split("<")[0].strip()    # up to the first special token
