@@ -25,6 +25,7 @@ BENCHMARKS = {
     "cts": "evofast.bench.cts",
     "quality": "evofast.bench.quality",
     "eval": "evofast.bench.eval",
+    "policies": "evofast.bench.policies",
 }
 
 # top-level command -> module (besides `bench`)

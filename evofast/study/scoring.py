@@ -11,7 +11,8 @@ revised right->wrong when its first decoded tokens would have been scored right 
 final ones are not, wrong->right the other way round. (Hard decoding never revises.)
 
 Policies are rows of `POLICIES`: a name and the `evofast.generate` arguments that select
-it; a new decoding policy is one more row.
+it; a new decoding policy is one more row. A sweep names its points "threshold@0.8" or
+"stdd@tau=0.8,lam_s=1" (`policy_kwargs`).
 """
 from __future__ import annotations
 
@@ -23,15 +24,38 @@ from typing import Optional, Sequence
 import torch
 
 from ..decode import Observer
+from ..ops import STDD
 from ..devices import synchronize
 
-__all__ = ["POLICIES", "Setting", "RevisionLog", "score"]
+__all__ = ["POLICIES", "policy_kwargs", "Setting", "RevisionLog", "score"]
 
 #: decoding policies: name -> the generate() arguments that select it
 POLICIES = {
     "schedule": {},                        # the authors' step schedule: tokens_per_step tokens per forward
     "threshold": {"threshold": 0.9},       # every position at least 90% confident (the most confident always)
+    "stdd": {"policy": STDD()},            # a per-position threshold from 0.9, raised where predictions move
 }
+
+
+def policy_kwargs(name: str) -> dict:
+    """The generate() arguments of a policy row: a name of `POLICIES`, or a point of a sweep,
+    "threshold@0.8" or "stdd@tau=0.8,lam_t=1,lam_s=0" (STDD's fields, the others at their defaults)."""
+    base, at, args = name.partition("@")
+    if base not in POLICIES or (at and base == "schedule") or (at and not args):
+        raise ValueError(f"policy: must be one of {sorted(POLICIES)}, 'threshold@T' or 'stdd@k=v,...', "
+                         f"got {name!r}")
+    if not at:
+        return dict(POLICIES[base])
+    if base == "threshold":
+        return {"threshold": float(args)}
+    fields = {}
+    for item in args.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in STDD.__dataclass_fields__:
+            raise ValueError(f"policy: {item!r} in {name!r} is not k=v with k one of "
+                             f"{sorted(STDD.__dataclass_fields__)}")
+        fields[key] = int(value) if key in ("window", "radius") else float(value)
+    return {"policy": STDD(**fields)}
 
 
 @dataclass(frozen=True)
@@ -45,8 +69,7 @@ class Setting:
     policy: str = "schedule"
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy: must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        policy_kwargs(self.policy)                      # a known policy, or a valid sweep point
         if (self.alpha is None) != (self.mode == "hard"):
             raise ValueError(f"alpha: needed for mode 'evotoken' only, got {self.alpha!r} for {self.mode!r}")
 
@@ -59,7 +82,7 @@ class Setting:
 
     def generate_kwargs(self, gen_length: int, block_length: int, k_soft: int) -> dict:
         kw = dict(gen_length=gen_length, block_length=block_length, steps=gen_length // self.tokens_per_step,
-                  mode=self.mode, temperature=self.temperature, **POLICIES[self.policy])
+                  mode=self.mode, temperature=self.temperature, **policy_kwargs(self.policy))
         if self.mode == "evotoken":
             kw.update(k_soft=k_soft, alpha=self.alpha)
         return kw
