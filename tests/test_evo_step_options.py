@@ -83,15 +83,21 @@ def test_filter_keep_sets():
     assert sampling_filter(lt, 1, mass2 + 1e-9).tolist() == [[False, True, False, True, False, False]]
 
 
-def sample_rows(backend, device, row, R, M, **kw):
-    """Every row eligible and transferred: x holds R independent draws, conf their q."""
+def sample_rows(backend, device, row, R, M, chunk=500, **kw):
+    """Every row eligible and transferred: R independent draws and their q, from steps of at most
+    `chunk` rows (each its own seed; Triton's interpreter slows down more than linearly in rows)."""
     V = row.numel()
-    logits = row.expand(1, R, V).contiguous().to(device)
-    x = torch.full((1, R), M, device=device)
-    conf = torch.zeros(1, R, dtype=torch.float64, device=device)
-    evo_step(logits, x, conf, R, block_start=0, block_end=R, prompt_len=0, mask_id=M, backend=backend,
-             generator=torch.Generator().manual_seed(11), **kw)
-    return x.cpu()[0], conf.cpu()[0]
+    draws, qs = [], []
+    for i, start in enumerate(range(0, R, chunk)):
+        n = min(chunk, R - start)
+        logits = row.expand(1, n, V).contiguous().to(device)
+        x = torch.full((1, n), M, device=device)
+        conf = torch.zeros(1, n, dtype=torch.float64, device=device)
+        evo_step(logits, x, conf, n, block_start=0, block_end=n, prompt_len=0, mask_id=M, backend=backend,
+                 generator=torch.Generator().manual_seed(11 + i), **kw)
+        draws.append(x.cpu()[0])
+        qs.append(conf.cpu()[0])
+    return torch.cat(draws), torch.cat(qs)
 
 
 def assert_frequencies(draws, p, tail=5.0):
