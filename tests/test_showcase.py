@@ -73,3 +73,13 @@ def test_the_shipped_model_answers_as_the_study_recorded():
     _, test = problem_sets(task, res["n_test"], res["n_val"], study["config"]["seed"])
     answers, right, _ = showcase.solve(model, tok, task, test[:100], showcase.setting_of(card))
     assert "".join(str(int(r)) for r in right) == recorded["correct"][:100]
+
+
+def test_the_shipped_model_ships_in_the_wheel():
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["evofast"]
+    rel = "/".join(showcase.MODEL_DIR)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "evofast_task.json", showcase.STUDY_FILE):
+        assert any(fnmatch.fnmatch(f"{rel}/{name}", p) for p in patterns), name
