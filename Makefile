@@ -17,8 +17,8 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
-# The main job: the small model trained here (evofast/data/models/countdown) answers held-out
-# Countdown problems with EvoToken decoding, says which are right and writes the trace page;
+# The main job: the small model trained here (evofast/data/models/addition) answers held-out
+# 2-digit additions with EvoToken decoding, says which are right and writes the trace page;
 # then the kernel benchmark at a small shape (random logits), ending in a one-line summary.
 run: install
 	$(VENV)/bin/evofast showcase --trace evotoken-trace.html

@@ -2,10 +2,10 @@
 
     evofast showcase [--model DIR] [--problems 5] [--trace evotoken-trace.html]
 
-The model shipped in evofast (`evofast/data/models/countdown`) was trained by the quality
-study (`evofast bench quality --export-model`): masked-diffusion pretraining on the
-synthetic Countdown ("3,5,1:  7=" asks for an expression of 3, 5 and 1 that makes 7),
-then a CTS fine-tune (LoRA on q / k / v, merged). This decodes a few held-out problems
+The model shipped in evofast (`evofast/data/models/addition`) was trained by the quality
+study's command (`evofast bench quality --export-model`): masked-diffusion pretraining on
+2-digit addition with worked steps ("13+08=" is answered "3+8+0=11,1+0+1=02;21"), then
+a CTS fine-tune (LoRA on q / k / v, merged). This decodes a few held-out problems
 with the decoding the study measured (EvoToken), prints each answer and whether it is
 right, and the accuracy the study measured on its held-out test problems. --trace writes
 the page of that decoding: every position going from mask to soft (its top-k and
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         how += f", alpha {setting.alpha:g}"
     print(f"evofast showcase: a {n_params / 1e6:.2f} M-parameter model trained here on {task!r} ({how})")
     for ex, answer, ok in zip(examples, answers, right):
-        print(f"  {_problem(ex):<28} answer: {answer:<10} {'correct' if ok else 'wrong'}")
+        print(f"  {_problem(ex):<26} answer: {answer:<24} {'correct' if ok else 'wrong'}")
     line = f"{sum(right)} of {len(right)} right here"
     if card:
         line += (f"; measured accuracy of this decoding: {100 * card['accuracy']:.1f}% on {card['n']} held-out "

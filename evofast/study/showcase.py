@@ -4,11 +4,11 @@
     setting = setting_of(card)                       # the decoding its accuracy was measured with
     answers, right, trace = solve(model, tok, task, task.test_set(5, seed=1), setting, trace=True)
 
-The model in `evofast/data/models/countdown` is a small LLaDA-architecture model trained
-here by the quality study (`evofast bench quality --export-model`): pretrained with masked
-diffusion on the synthetic Countdown, then CTS-fine-tuned (LoRA on q / k / v, merged). Its
-`study.json` card holds the decoding it was scored with and its accuracy on the study's
-held-out test problems. Any checkpoint directory with a task file loads the same way
+The model in `evofast/data/models/addition` is a small LLaDA-architecture model trained
+here by the quality study's command (`evofast bench quality --export-model`): pretrained
+with masked diffusion on 2-digit addition with worked steps, then CTS-fine-tuned (LoRA on
+q / k / v, merged). Its `study.json` card holds the command, the decoding it was scored
+with and its accuracy on the study's held-out test problems. Any checkpoint directory with a task file loads the same way
 (without a card it decodes with EvoToken, 2 tokens per step, alpha 0.7).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .scoring import Setting
 
 __all__ = ["MODEL_DIR", "STUDY_FILE", "model_dir", "load", "setting_of", "solve"]
 
-MODEL_DIR = ("data", "models", "countdown")      # under the evofast package
+MODEL_DIR = ("data", "models", "addition")      # under the evofast package
 STUDY_FILE = "study.json"                        # the card: how the model was made and how well it does
 _DEFAULT = {"mode": "evotoken", "tokens_per_step": 2, "temperature": 0.0, "alpha": 0.7, "policy": "schedule"}
 
