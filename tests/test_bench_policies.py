@@ -35,7 +35,7 @@ def test_policy_names_and_sweep_points():
 
 def test_bench_policies_rows_json_and_plot(model_dir, tmp_path, capsys):
     out, plot = tmp_path / "p.json", tmp_path / "p.png"
-    assert cli.main(["bench", "policies", "--model", str(model_dir), "--problems", "6", "--batch-size", "4",
+    assert cli.main(["bench", "policies", "--model", str(model_dir), "--problems", "6", "--skip", "2", "--batch-size", "4",
                      "--tokens-per-step", "1", "2", "--thresholds", "0.6", "--stdd", "0.6,0,0", "0.6,1,1",
                      "--json", str(out), "--plot", str(plot)]) == 0
     rows = json.loads(out.read_text())["rows"]

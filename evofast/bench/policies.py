@@ -3,7 +3,8 @@
     evofast bench policies [--model DIR] [--problems 500] [--json FILE] [--plot FILE.png]
 
 On a trained checkpoint and its task (default: the model shipped with evofast, trained by
-`evofast bench quality`), every row decodes the same held-out problems, greedy, in both
+`evofast bench quality`), every row decodes the same held-out problems (after the --skip
+validation problems of the quality study), greedy, in both
 modes (hard; EvoToken at --alpha, k_soft 3):
 
   schedule    the authors' step schedule at 1, 2, 4 and 8 tokens per forward
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="a trained checkpoint with its task file (default: the shipped model)")
     parser.add_argument("--problems", type=int, default=500, help="held-out test problems (500)")
+    parser.add_argument("--skip", type=int, default=200,
+                        help="held-out problems left out first (200: the quality study's validation problems, so "
+                             "the rows score the study's test problems)")
     parser.add_argument("--batch-size", type=int, default=250, help="problems decoded at once (250)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="EvoToken's mask weight (default: the model's study card, else 0.7)")
@@ -97,14 +101,15 @@ def run(args: argparse.Namespace) -> int:
     from ..study.showcase import load
 
     settings = _settings(args, 0.7 if args.alpha is None else args.alpha)   # every row checked first
-    if args.problems < 1 or args.batch_size < 1:
-        raise ValueError(f"--problems and --batch-size: must be >= 1, got {args.problems}, {args.batch_size}")
+    if args.problems < 1 or args.batch_size < 1 or args.skip < 0:
+        raise ValueError(f"--problems, --batch-size (>= 1) and --skip (>= 0): got {args.problems}, "
+                         f"{args.batch_size}, {args.skip}")
     device = _common.pick_device(args.device)
     model, tok, task, card = load(args.model, device)
     if args.alpha is None and card:
         alpha = card.get("decoding", {}).get("alpha") or 0.7
         settings = _settings(args, alpha)
-    _, test = problem_sets(task, args.problems, 0, args.seed)
+    _, test = problem_sets(task, args.problems, args.skip, args.seed)
     env = _common.environment(device)
     print(f"evofast bench policies: {env['device']} ({device}), {len(test)} problems of {task.spec()}, "
           f"gen {task.gen_length}, block {task.block_length}, greedy", file=sys.stderr, flush=True)
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             "benchmark": "evofast.bench.policies", "schema_version": _common.SCHEMA_VERSION, "env": env,
             "config": {"model": args.model or "shipped", "task": task.spec(), "problems": len(test),
                        "gen_length": task.gen_length, "block_length": task.block_length, "k_soft": K_SOFT,
-                       "seed": args.seed}, "rows": rows})
+                       "skip": args.skip, "seed": args.seed}, "rows": rows})
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         _common.save_figure(figure(rows), args.plot)
