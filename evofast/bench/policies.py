@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def figure(rows: list):
-    """Accuracy against forwards per generated token: a line per (policy family, mode)."""
+    """Accuracy (with its Wilson 95% interval) against forwards per generated token: a line per
+    (policy family, mode)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,10 +144,13 @@ def figure(rows: list):
     styles = {"schedule": "o-", "threshold": "s--", "stdd": "^:"}
     for family in ("schedule", "threshold", "stdd"):
         for mode, color in (("hard", "tab:gray"), ("evotoken", "tab:blue")):
-            pts = sorted((r["forwards_per_token"], r["accuracy"]) for r in rows
+            pts = sorted((r["forwards_per_token"], r["accuracy"], r["ci_low"], r["ci_high"]) for r in rows
                          if r["family"] == family and r["mode"] == mode)
             if pts:
-                ax.plot(*zip(*pts), styles[family], color=color, label=f"{family}, {mode}", alpha=0.85)
+                x, y, lo, hi = (list(v) for v in zip(*pts))
+                err = [[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]]
+                ax.errorbar(x, y, yerr=err, fmt=styles[family], color=color, label=f"{family}, {mode}",
+                            alpha=0.85, capsize=2, elinewidth=0.6)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("forwards per generated token (log scale)")
     ax.set_ylabel("exact-match accuracy")
