@@ -89,8 +89,8 @@ def _row(family: str, setting, res: dict, gen_length: int) -> dict:
             "right_to_wrong": res["right_to_wrong"], "wrong_to_right": res["wrong_to_right"]}
 
 
-COLUMNS = [("mode", "mode"), ("policy", "policy"), ("tokens_per_step", "tokens/step"), ("accuracy", "accuracy"), ("ci_low", "lo"), ("ci_high", "hi"),
-           ("forwards_per_token", "forwards/token"), ("tokens_per_s", "tokens/s"),
+COLUMNS = [("mode", "mode"), ("policy", "policy"), ("tokens_per_step", "tokens/step"), ("accuracy", "accuracy"),
+           ("ci_low", "lo"), ("ci_high", "hi"), ("forwards_per_token", "forwards/token"), ("tokens_per_s", "tokens/s"),
            ("right_to_wrong", "R->W"), ("wrong_to_right", "W->R")]
 
 

@@ -4,7 +4,6 @@ Each failure is a ValueError whose message starts with the argument's name.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,14 +19,6 @@ CACHES = (None, "prefix", "dual")
 REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
 
 fail = _checks.fail
-
-
-def _positive_int(name, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        fail(name, f"expected an int, got {v!r}")
-    if v < 1:
-        fail(name, f"must be >= 1, got {v}")
-    return int(v)
 
 
 @dataclass(frozen=True)
@@ -71,7 +62,7 @@ class DecodeConfig:
         put("top_p", top_p)
         self._check_policy()
         for name in ("gen_length", "block_length", "steps"):
-            put(name, _positive_int(name, getattr(self, name)))
+            put(name, _checks.integer(name, getattr(self, name), 1))
         if self.gen_length % self.block_length:
             fail("gen_length", f"must be a multiple of block_length={self.block_length}, got {self.gen_length}")
         if self.steps % self.blocks:
@@ -83,7 +74,7 @@ class DecodeConfig:
         if self.cache_refresh is not None:
             if self.cache is None:
                 fail("cache_refresh", "needs a cache ('prefix' or 'dual'); got cache=None")
-            put("cache_refresh", _positive_int("cache_refresh", self.cache_refresh))
+            put("cache_refresh", _checks.integer("cache_refresh", self.cache_refresh, 1))
         if not isinstance(self.compile, bool):
             fail("compile", f"expected a bool, got {self.compile!r}")
 
